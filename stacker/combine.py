@@ -1,0 +1,194 @@
+"""The Dask graph of one master: lazy frame stack -> per-strip kernel -> chunked store.
+
+The stack is a Dask array (N, ny, nx) with one chunk per full-width strip of rows: each
+chunk is read by one task that reads that strip from all N files (no `da.stack` of N
+per-file arrays and no rechunk, which would build tens of thousands of tasks). The kernel
+reduces each chunk along the frame axis; `da.store` writes each reduced strip into the
+preallocated master file as soon as it is done, so at most `num_workers` strips are held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from stacker.io import MasterWriter, StripReader, plan_strips
+
+#: Pixels sampled per frame to measure a flat's level (evenly spaced full rows).
+LEVEL_SAMPLE_PIXELS = 1_000_000
+
+
+def frame_stack(reader: StripReader, strips: Sequence[tuple[int, int]]):
+    """A lazy (N, ny, nx) float32 Dask array with one task per strip of rows."""
+    import dask.array as da
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    n, _, nx = reader.shape
+    name = "frames-" + tokenize(reader, tuple(strips))
+    layer = {(name, 0, i, 0): (reader.read, y0, y1) for i, (y0, y1) in enumerate(strips)}
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=())
+    chunks = ((n,), tuple(y1 - y0 for y0, y1 in strips), (nx,))
+    return da.Array(graph, name, chunks, dtype=np.float32,
+                    meta=np.empty((0, 0, 0), dtype=np.float32))
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """Per-frame work before rejection: subtract a master, then scale each frame.
+
+    Attributes
+    ----------
+    calibration : StripReader or None
+        Reader of the master (dark or bias) subtracted from every frame.
+    scales : tuple of float or None
+        Multiplicative factor per frame (a flat scaled to the common level).
+    """
+
+    calibration: StripReader | None = None
+    scales: tuple[float, ...] | None = None
+
+    def __call__(self, block: np.ndarray, y0: int, y1: int) -> np.ndarray:
+        """Apply to a float32 block (N, y1 - y0, nx) of rows [y0, y1), in place."""
+        if self.calibration is not None:
+            block -= self.calibration.read(y0, y1)[0]
+        if self.scales is not None:
+            block *= np.asarray(self.scales, dtype=np.float32)[:, None, None]
+        return block
+
+
+def _reduce(block: np.ndarray, kernel: Callable, prepare: Prepare | None,
+            block_info=None) -> np.ndarray:
+    y0, y1 = block_info[0]["array-location"][1]
+    if prepare is not None:
+        block = prepare(block, y0, y1)
+    image, used = kernel(block)
+    out = np.empty((2, *image.shape), dtype=np.float32)
+    out[0] = image
+    out[1] = used
+    return out
+
+
+def reduce_stack(stack, kernel: Callable, prepare: Prepare | None = None):
+    """Reduce every chunk of the stack along the frame axis -> (2, ny, nx): image, n_used."""
+    return stack.map_blocks(_reduce, kernel, prepare, dtype=np.float32,
+                            chunks=((2,), stack.chunks[1], stack.chunks[2]),
+                            meta=np.empty((0, 0, 0), dtype=np.float32))
+
+
+def combine_into(reader: StripReader, writer: MasterWriter, kernel: Callable, rows: int,
+                 *, prepare: Prepare | None = None, num_workers: int = 1,
+                 callbacks: Sequence = ()) -> None:
+    """Build the master: read, prepare, reduce and store strip by strip, in parallel."""
+    import dask
+    import dask.array as da
+
+    strips = plan_strips(reader.shape[1], rows)
+    reduced = reduce_stack(frame_stack(reader, strips), kernel, prepare)
+    with dask.config.set(scheduler="threads", num_workers=num_workers):
+        da.store(reduced, writer, lock=False, callbacks=list(callbacks) or None)
+
+
+def sample_rows(ny: int, nx: int, pixels: int = LEVEL_SAMPLE_PIXELS) -> list[int]:
+    """Evenly spaced rows holding about `pixels` pixels (all rows of a small frame)."""
+    k = min(ny, max(1, -(-pixels // nx)))
+    return sorted({round(r) for r in np.linspace(0, ny - 1, k)})
+
+
+@dataclass(frozen=True)
+class MasterStats:
+    """Statistics of a finished master image and of its frames-used map."""
+
+    mean: float
+    median: float
+    std: float
+    min: float
+    max: float
+    n_nan: int
+    used_mean: float
+    used_min: int
+    used_max: int
+
+    def scaled(self, factor: float) -> MasterStats:
+        """The statistics of the image divided by `factor` (used-frame counts unchanged)."""
+        return MasterStats(self.mean / factor, self.median / factor, self.std / factor,
+                           self.min / factor, self.max / factor, self.n_nan, self.used_mean,
+                           self.used_min, self.used_max)
+
+
+def master_statistics(writer: MasterWriter, rows: int) -> MasterStats:
+    """Exact statistics of the image written so far, read back strip by strip.
+
+    The master is N times smaller than its inputs, so this pass is cheap; the median is
+    exact (histogram refinement, `_exact_median`) without holding the image in memory.
+    """
+    ny, _ = writer.shape
+    strips = plan_strips(ny, rows)
+    total = s1 = s2 = 0.0
+    lo, hi, n_nan = np.inf, -np.inf, 0
+    used_sum, used_lo, used_hi = 0.0, np.iinfo(np.int32).max, 0
+    for y0, y1 in strips:
+        image = writer.read_image(y0, y1).astype(np.float64)
+        finite = image[np.isfinite(image)]
+        n_nan += image.size - finite.size
+        if finite.size:
+            total += finite.size
+            s1 += finite.sum()
+            s2 += np.square(finite).sum()
+            lo, hi = min(lo, finite.min()), max(hi, finite.max())
+        used = writer.read_count(y0, y1)
+        used_sum += used.sum()
+        used_lo, used_hi = min(used_lo, int(used.min())), max(used_hi, int(used.max()))
+    if total == 0:
+        nan = float("nan")
+        return MasterStats(nan, nan, nan, nan, nan, n_nan, 0.0, used_lo, used_hi)
+    mean = s1 / total
+    std = float(np.sqrt(max(s2 / total - mean * mean, 0.0)))
+    median = _exact_median(writer, strips, lo, hi, int(total))
+    return MasterStats(float(mean), median, std, float(lo), float(hi), n_nan,
+                       float(used_sum / (ny * writer.shape[1])), used_lo, used_hi)
+
+
+def _exact_median(writer: MasterWriter, strips, lo: float, hi: float, n: int) -> float:
+    """Median of the finite image values by narrowing a histogram until a bin is small."""
+    ranks = [(n - 1) // 2, n // 2]
+    values = [_kth(writer, strips, lo, hi, k) for k in sorted(set(ranks))]
+    return float(np.mean([values[0], values[-1]]))
+
+
+def _kth(writer: MasterWriter, strips, lo: float, hi: float, k: int) -> float:
+    """The k-th smallest finite value (0-based) of the image, all of which lie in [lo, hi]."""
+    below = 0  # values known to rank before the current range
+    last = True  # whether the current range includes `hi` (only the top bin does)
+    for _ in range(8):
+        if lo == hi:
+            return float(lo)
+        edges = np.linspace(lo, hi, 4097)
+        counts = np.zeros(4096, dtype=np.int64)
+        for y0, y1 in strips:
+            counts += np.histogram(_in_range(writer.read_image(y0, y1), lo, hi, last),
+                                   bins=edges)[0]
+        cum = np.cumsum(counts)
+        b = int(np.searchsorted(cum, k - below, side="right"))
+        below += int(cum[b - 1]) if b > 0 else 0
+        last = last and b == 4095
+        lo, hi = edges[b], edges[b + 1]
+        if counts[b] <= 2_000_000:
+            values = np.concatenate([_in_range(writer.read_image(y0, y1), lo, hi, last)
+                                     for y0, y1 in strips])
+            return float(np.partition(values, k - below)[k - below])
+    raise RuntimeError("median did not converge")  # pragma: no cover - 4096**8 bins
+
+
+def _in_range(image: np.ndarray, lo: float, hi: float, inclusive: bool) -> np.ndarray:
+    image = image.astype(np.float64)
+    upper = image <= hi if inclusive else image < hi
+    return image[np.isfinite(image) & (image >= lo) & upper]
+
+
+def normalize_in_place(writer: MasterWriter, factor: float, rows: int) -> None:
+    """Divide the written image by `factor`, strip by strip (the flat's normalization)."""
+    for y0, y1 in plan_strips(writer.shape[0], rows):
+        writer.rewrite_image(y0, writer.read_image(y0, y1) / np.float32(factor))

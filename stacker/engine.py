@@ -1,0 +1,468 @@
+"""Runs a plan: each job in dependency order, its strips in parallel on Dask's threads.
+
+The engine turns the memory budget into a strip height (`stacker.io.rows_per_chunk`), wires
+reader, per-frame preparation, kernel and writer together for each job, fills the master's
+statistics and provenance, and commits the file. A job that fails is reported and removed
+from disk; the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from stacker import __version__
+from stacker.combine import (
+    MasterStats,
+    Prepare,
+    combine_into,
+    master_statistics,
+    normalize_in_place,
+    sample_rows,
+)
+from stacker.errors import BuildError, StackerError
+from stacker.frames import Frame, read_frame
+from stacker.io import READ_BYTES_PER_VALUE, MasterWriter, StripReader, image_header_bytes
+from stacker.io import rows_per_chunk as budget_rows
+from stacker.plan import Job, Plan
+from stacker.qc import sample_frames, verdict
+
+if TYPE_CHECKING:
+    from astropy.io.fits import Header
+
+    from stacker.config import Settings
+
+log = logging.getLogger("stacker")
+
+#: progress(job_id, done, total) is called as strips finish.
+ProgressFn = Callable[[str, int, int], None]
+
+IMAGETYP = {"bias": "MASTER BIAS", "dark": "MASTER DARK", "flat": "MASTER FLAT"}
+STAT_CARDS = {
+    "DATAMEAN": "mean of the master", "DATAMED": "median of the master",
+    "DATASTD": "standard deviation of the master", "DATAMIN": "minimum of the master",
+    "DATAMAX": "maximum of the master", "NUSEDAVG": "mean number of frames used per pixel",
+    "NUSEDMIN": "fewest frames used by a pixel", "REJFRAC": "fraction of values rejected",
+}
+
+
+@dataclass
+class MasterResult:
+    """What happened to one job: built (with its file and statistics), failed or refused."""
+
+    job_id: str
+    kind: str
+    status: str  # "built" | "failed" | "refused"
+    path: Path | None = None
+    error: str | None = None
+    n_frames: int = 0
+    exptime: float | None = None
+    filter: str | None = None
+    calibration: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form, used in `Status.details`."""
+        out = dict(self.__dict__)
+        out["path"] = str(self.path) if self.path else None
+        return out
+
+
+def workers(settings: Settings) -> int:
+    """Parallel strips: `num_workers`, or one per core."""
+    return settings.num_workers or os.cpu_count() or 1
+
+
+def run_plan(plan: Plan, settings: Settings, *, progress: ProgressFn | None = None,
+             only: set[str] | None = None) -> list[MasterResult]:
+    """Build every buildable job of `plan` in dependency order.
+
+    Parameters
+    ----------
+    plan : Plan
+        From `stacker.plan.make_plan`.
+    settings : Settings
+        Output folder, rejection, normalization, memory budget, workers.
+    progress : callable, optional
+        ``progress(job_id, done, total)`` as strips finish.
+    only : set of str, optional
+        Job ids to run (others are left out of the results).
+    """
+    out_dir = Path(settings.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = out_dir if settings.save_individual_masters else _work_dir(out_dir, plan)
+    built: dict[str, Path] = {}
+    results: list[MasterResult] = []
+    for job in plan.jobs:
+        if only is not None and job.id not in only:
+            continue
+        if job.refused is not None:
+            log.warning("%s not built: %s", job.id, job.refused)
+            results.append(_result(job, "refused", error=job.refused))
+            continue
+        results.append(_run_job(job, settings, work_dir, built, progress))
+    if not settings.save_individual_masters:
+        results = _assemble_results(results, out_dir, plan, work_dir)
+    return results
+
+
+def _work_dir(out_dir: Path, plan: Plan) -> Path:
+    work = out_dir / f".stacker-work-{plan.timestamp}"
+    work.mkdir(exist_ok=True)
+    return work
+
+
+def _result(job: Job, status: str, **kw) -> MasterResult:
+    return MasterResult(job.id, job.kind, status, n_frames=len(job.frames), exptime=job.exptime,
+                        filter=job.filter, notes=list(job.notes),
+                        calibration=job.calibration.describe() if job.calibration else None,
+                        **kw)
+
+
+def _run_job(job: Job, settings: Settings, work_dir: Path, built: dict[str, Path],
+             progress: ProgressFn | None) -> MasterResult:
+    start = time.perf_counter()
+    for note in job.notes:
+        log.warning("%s: %s", job.id, note)
+    try:
+        calibration = _calibration_path(job, built)
+        path, stats = build_master(job, settings, work_dir / job.output_name, calibration,
+                                   progress=progress)
+    except StackerError as exc:
+        log.error("%s failed: %s", job.id, exc)
+        return _result(job, "failed", error=str(exc), seconds=time.perf_counter() - start)
+    except OSError as exc:
+        log.error("%s failed: %s", job.id, exc)
+        return _result(job, "failed", error=f"I/O error: {exc}",
+                       seconds=time.perf_counter() - start)
+    built[job.id] = path
+    seconds = time.perf_counter() - start
+    log.info("%s: %d frames -> %s (%.1f s)", job.id, len(job.frames), path.name, seconds)
+    return _result(job, "built", path=path, stats=stats, seconds=seconds)
+
+
+def _calibration_path(job: Job, built: dict[str, Path]) -> Path | None:
+    cal = job.calibration
+    if cal is None:
+        return None
+    if cal.path is not None:
+        return cal.path
+    if cal.job_id not in built:
+        raise BuildError(f"{cal.describe()} was not built, so {job.id} cannot be calibrated")
+    return built[cal.job_id]
+
+
+def build_master(job: Job, settings: Settings, path: Path, calibration: Path | None = None,
+                 *, progress: ProgressFn | None = None) -> tuple[Path, dict[str, Any]]:
+    """Build one master into `path` (complete on disk, or absent on any error).
+
+    Returns
+    -------
+    path : Path
+        The committed file.
+    stats : dict
+        Master statistics, per-frame statistics and verdicts, flat levels and scales.
+    """
+    from stacker.kernels import make_kernel
+
+    kernel = make_kernel(settings.rejection_method, **settings.kernel_options())
+    cal_reader = _calibration_reader(job, calibration)
+    frames, frame_stats = _validate(job, settings, cal_reader)
+    reader = StripReader(frames)
+    n, ny, nx = reader.shape
+    w = workers(settings)
+    rows = budget_rows(settings.memory_limit, n, nx, w,
+                       READ_BYTES_PER_VALUE + kernel.bytes_per_value, height=ny,
+                       what=f"{job.id} ({path.name})")
+    levels = scales = None
+    prepare = None
+    if job.kind == "flat":
+        # Scale every flat to the median level so that a twilight sky brightening between
+        # frames is not taken for outliers by the rejection.
+        levels = [frame_stats[str(f.path)].median for f in frames]
+        reference = float(np.median(levels))
+        scales = [reference / lv for lv in levels]
+        prepare = Prepare(calibration=cal_reader, scales=tuple(scales))
+    header = master_header(job, settings, frames, calibration)
+    writer = MasterWriter.create(path, (ny, nx), header, _count_header(),
+                                 _inputs_table(frames, levels, scales))
+    try:
+        callbacks = [_ProgressCallback(job.id, progress)] if progress else []
+        log.debug("%s: %d frames of %dx%d in strips of %d rows on %d workers", job.id, n, nx,
+                  ny, rows, w)
+        combine_into(reader, writer, kernel, rows, prepare=prepare, num_workers=w,
+                     callbacks=callbacks)
+        stats = master_statistics(writer, rows * n)
+        cards = _stat_cards(stats, n)
+        if job.kind == "flat":
+            factor = _norm_factor(stats, settings.normalization_method, job)
+            normalize_in_place(writer, factor, rows * n)
+            stats = stats.scaled(factor)
+            cards = {**_stat_cards(stats, n), "NORMFACT": factor}
+        writer.set_cards(cards)
+        final = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    out = _stats_dict(stats, n, levels, scales)
+    out["frames"] = [s.to_dict() for s in frame_stats.values()]
+    out["rows_per_strip"] = rows
+    return final, out
+
+
+def _calibration_reader(job: Job, calibration: Path | None) -> StripReader | None:
+    if job.kind != "flat":
+        return None
+    cal_frame = read_frame(calibration)
+    if cal_frame.shape != job.shape:
+        raise BuildError(f"{calibration} is {cal_frame.shape[1]}x{cal_frame.shape[0]}, the flats "
+                         f"of {job.id} are {job.shape[1]}x{job.shape[0]}")
+    return StripReader((cal_frame,))
+
+
+def _validate(job: Job, settings: Settings, cal_reader: StripReader | None):
+    """Measure every frame on sampled rows; with quality_control, leave out bad ones."""
+    ny, nx = job.shape
+    rows = sample_rows(ny, nx)
+    subtract = cal_reader.read_frame_rows(0, rows) if cal_reader is not None else None
+    measured = sample_frames(job.frames, rows, subtract)
+    kept, stats = [], {}
+    for frame, st in zip(job.frames, measured, strict=True):
+        why = verdict(frame, st) if settings.quality_control else None
+        if why is None and job.kind == "flat" and not st.median > 0:
+            why = (f"flat level {st.median:g} <= 0 after subtracting the master; "
+                   "is it exposed?")
+        if why is not None:
+            log.warning("%s: left out %s: %s", job.id, frame.path, why)
+            st = replace(st, verdict=why)
+        else:
+            kept.append(frame)
+        stats[str(frame.path)] = st
+    if len(kept) < max(settings.min_frames, 1):
+        raise BuildError(f"{job.id}: {len(kept)} usable frames after quality control, "
+                         f"min_frames is {settings.min_frames}")
+    return tuple(kept), stats
+
+
+def _norm_factor(stats: MasterStats, method: str, job: Job) -> float:
+    factor = {"mean": stats.mean, "median": stats.median, "max": stats.max}[method]
+    if not np.isfinite(factor) or factor <= 0:
+        raise BuildError(f"{job.id}: cannot normalize by its {method} ({factor}); the combined "
+                         "flat has no positive signal")
+    return float(factor)
+
+
+def _stat_cards(stats: MasterStats, n: int) -> dict[str, float]:
+    return {"DATAMEAN": stats.mean, "DATAMED": stats.median, "DATASTD": stats.std,
+            "DATAMIN": stats.min, "DATAMAX": stats.max, "NUSEDAVG": stats.used_mean,
+            "NUSEDMIN": stats.used_min, "REJFRAC": 1.0 - stats.used_mean / n}
+
+
+def _stats_dict(stats: MasterStats, n: int, levels, scales) -> dict[str, Any]:
+    out: dict[str, Any] = {k.lower(): v for k, v in _stat_cards(stats, n).items()}
+    out["nused_max"] = stats.used_max
+    out["n_nan"] = stats.n_nan
+    if levels is not None:
+        out["frame_levels"] = [float(v) for v in levels]
+        out["frame_scales"] = [float(v) for v in scales]
+    return out
+
+
+class _ProgressCallback:
+    """Counts finished tasks of a job's graph and reports them (dask scheduler callback)."""
+
+    def __new__(cls, job_id: str, progress: ProgressFn):
+        from dask.callbacks import Callback
+
+        class _CB(Callback):
+            def _start_state(self, dsk, state):
+                self.total = len(dsk)
+                self.done = 0
+                progress(job_id, 0, self.total)
+
+            def _posttask(self, key, result, dsk, state, worker_id):
+                self.done += 1
+                progress(job_id, self.done, self.total)
+
+        return _CB()
+
+
+# --------------------------------------------------------------------------------------------
+# Headers and provenance
+
+
+def master_header(job: Job, settings: Settings, frames: tuple[Frame, ...],
+                  calibration: Path | None) -> Header:
+    """The provenance header of a master: what it is, how it was made, from what."""
+    from astropy.io import fits
+
+    h = fits.Header()
+    h["IMAGETYP"] = (IMAGETYP[job.kind], "type of image")
+    if job.exptime is not None:
+        h["EXPTIME"] = (round(job.exptime, 6), "[s] exposure time of the inputs")
+    h["NCOMBINE"] = (len(frames), "number of frames combined")
+    for key, value, comment in _method_cards(settings, job):
+        h[key] = (value, comment)
+    if calibration is not None:
+        h["CALSUB"] = (calibration.name, f"master {job.calibration.kind} subtracted per frame")
+        h["FLATSCAL"] = ("median", "flats scaled to their median level before rejection")
+    for key, attr, comment in (("CCD-TEMP", "ccd_temp", "[C] mean sensor temperature"),
+                               ("GAIN", "gain", "camera gain setting"),
+                               ("OFFSET", "offset", "camera offset setting")):
+        value = getattr(job, attr)
+        if value is not None:
+            h[key] = (round(value, 3), comment)
+    h["XBINNING"], h["YBINNING"] = job.binning
+    if job.filter:
+        h["FILTER"] = (job.filter, "filter")
+    h["BUNIT"] = ("relative" if job.kind == "flat" else "ADU", "unit of the master")
+    h["DATE"] = (datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"), "creation (UTC)")
+    dates = sorted(f.date_obs for f in frames if f.date_obs)
+    if dates:
+        h["DATE-BEG"] = (dates[0], "first input DATE-OBS")
+        h["DATE-END"] = (dates[-1], "last input DATE-OBS")
+    h["CREATOR"] = (f"stacker {__version__}", "software that made this master")
+    h["MASTERID"] = (job.id, "stacker job id")
+    for key, comment in STAT_CARDS.items():
+        h[key] = (0.0, comment)  # reserved; filled in place once the image is complete
+    if job.kind == "flat":
+        h["NORMFACT"] = (1.0, f"divisor: {settings.normalization_method} of the combined flat")
+    for frame in frames:
+        h.add_history(f"input: {frame.path}")
+    for frame in sorted(set(job.frames) - set(frames), key=lambda f: str(f.path)):
+        h.add_history(f"rejected by quality control: {frame.path}")
+    return h
+
+
+def _method_cards(settings: Settings, job: Job) -> list[tuple[str, Any, str]]:
+    opts = settings.kernel_options()
+    cards: list[tuple[str, Any, str]] = [
+        ("COMBMETH", settings.rejection_method, "rejection / combination method")]
+    if settings.rejection_method == "sigma_clip":
+        iters = opts.get("max_iterations")
+        cards += [("SIGLOW", opts["sigma_low"], "low rejection threshold [sigma]"),
+                  ("SIGHIGH", opts["sigma_high"], "high rejection threshold [sigma]"),
+                  ("SIGCENT", opts["center"], "centre estimator"),
+                  ("SIGSTDEV", opts["stddev"], "spread estimator"),
+                  ("SIGITER", iters if iters is not None else "converge", "max iterations")]
+    elif settings.rejection_method == "minmax":
+        cards += [("NLOW", opts["nlow"], "lowest values dropped per pixel"),
+                  ("NHIGH", opts["nhigh"], "highest values dropped per pixel")]
+    if job.kind == "flat":
+        cards.append(("NORMMETH", settings.normalization_method, "flat normalization"))
+    return cards
+
+
+def _count_header() -> Header:
+    from astropy.io import fits
+
+    h = fits.Header()
+    h["EXTNAME"] = ("NUSED", "frames used per pixel after rejection")
+    return h
+
+
+def _inputs_table(frames: tuple[Frame, ...], levels, scales):
+    from astropy.io import fits
+
+    cols = [fits.Column("PATH", f"{max(len(str(f.path)) for f in frames)}A",
+                        array=[str(f.path) for f in frames]),
+            fits.Column("EXPTIME", "D", array=[_nan(f.exptime) for f in frames]),
+            fits.Column("CCD_TEMP", "D", array=[_nan(f.ccd_temp) for f in frames]),
+            fits.Column("DATE_OBS", "32A", array=[f.date_obs or "" for f in frames])]
+    if levels is not None:
+        cols += [fits.Column("LEVEL", "D", array=levels), fits.Column("SCALE", "D", array=scales)]
+    return fits.BinTableHDU.from_columns(cols, name="INPUTS")
+
+
+def _nan(v: float | None) -> float:
+    return float("nan") if v is None else float(v)
+
+
+# --------------------------------------------------------------------------------------------
+# save_individual_masters: false -> one multi-extension file
+
+
+def _assemble_results(results: list[MasterResult], out_dir: Path, plan: Plan,
+                      work_dir: Path) -> list[MasterResult]:
+    built = [r for r in results if r.status == "built"]
+    try:
+        if built:
+            path = assemble(built, out_dir / f"master_frames_{plan.timestamp}.fits")
+            for r in built:
+                r.path = path
+    finally:
+        # Individual masters were only a step: nothing of them stays beside the one file.
+        for leftover in work_dir.glob("*"):
+            leftover.unlink()
+        work_dir.rmdir()
+    return results
+
+
+def assemble(results: list[MasterResult], path: Path) -> Path:
+    """Copy built masters into one multi-extension FITS file (one named HDU per master).
+
+    Each master contributes its image HDU (EXTNAME = job id) and its frames-used HDU
+    (``<job id>_NUSED``); pixel bytes are copied as they are, never loaded whole.
+    """
+    from astropy.io import fits
+
+    temp = path.with_name(f".{path.name}.part")
+    primary = fits.Header()
+    primary["NMASTERS"] = (len(results), "masters in this file")
+    primary["CREATOR"] = f"stacker {__version__}"
+    try:
+        with open(temp, "wb") as out:
+            out.write(fits.PrimaryHDU(header=primary).header.tostring().encode("ascii"))
+            for r in results:
+                _copy_master(r.path, r.job_id, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _copy_master(src: Path, name: str, out) -> None:
+    from astropy.io import fits
+
+    with fits.open(src, memmap=False, lazy_load_hdus=True) as hdul, open(src, "rb") as fh:
+        for index, extname in ((0, name.upper()), (1, f"{name.upper()}_NUSED")):
+            hdu = hdul[index]
+            header = hdu.header.copy()
+            header["EXTNAME"] = extname
+            shape = (header["NAXIS2"], header["NAXIS1"])
+            out.write(image_header_bytes(header, shape, bitpix=header["BITPIX"], primary=False))
+            info = hdu.fileinfo()
+            fh.seek(info["datLoc"])
+            remaining = info["datSpan"]
+            while remaining:
+                chunk = fh.read(min(remaining, 16 << 20))
+                out.write(chunk)
+                remaining -= len(chunk)
+
+
+def existing_masters(out_dir: Path) -> list[Frame]:
+    """Master darks and biases already in `out_dir`, for flats built on their own."""
+    found = []
+    for path in sorted(out_dir.glob("master_*.fits")):
+        if not path.name.startswith(("master_dark_", "master_bias_")):
+            continue
+        try:
+            frame = read_frame(path, kind=None)
+        except (ValueError, OSError) as exc:
+            log.warning("ignoring %s: %s", path, exc)
+            continue
+        found.append(frame)
+    return found

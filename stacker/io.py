@@ -1,0 +1,368 @@
+"""Reading frames strip by strip, and writing masters atomically.
+
+`StripReader` reads rows ``[y0, y1)`` of N frames into one float32 block with one positioned
+read (``os.pread``) per file: a FITS image is stored row by row, so a full-width strip is one
+contiguous run of bytes. It keeps no file open between calls (Linux allows 1024 open files,
+macOS 256), holds only paths and offsets, and so pickles to cluster workers.
+
+`MasterWriter` preallocates the master's file under a temporary name, takes strips as they
+are computed, and renames the file into place only when it is complete.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from stacker.errors import MemoryBudgetError
+from stacker.frames import Frame
+
+if TYPE_CHECKING:
+    from astropy.io.fits import BinTableHDU, Header
+
+BLOCK = 2880  # FITS record size
+
+#: Bytes per input value the engine holds besides the kernel's own work: the raw bytes read
+#: (up to 8 for BITPIX=-64, 2 for the usual uint16) and the float32 block the kernel reads.
+READ_BYTES_PER_VALUE = 4 + 2
+
+
+def plan_strips(ny: int, rows: int) -> list[tuple[int, int]]:
+    """Split ``ny`` rows into consecutive strips of at most ``rows`` rows (last one shorter)."""
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    return [(y0, min(y0 + rows, ny)) for y0 in range(0, ny, rows)]
+
+
+def rows_per_chunk(
+    memory_limit: int,
+    n_frames: int,
+    width: int,
+    workers: int,
+    bytes_per_value: float,
+    *,
+    height: int | None = None,
+    what: str = "this group",
+) -> int:
+    """Rows per strip so that `workers` strips in flight stay within `memory_limit`.
+
+    ``rows = floor(memory_limit / (workers * n_frames * width * bytes_per_value))``, where
+    `bytes_per_value` counts every working copy of one input value (raw bytes, the float32
+    block, the kernel's sorted copy and sums). With `height` given, strips are also made
+    small enough that every worker gets at least four of them (progress and balance), but
+    never smaller than the budget allows.
+
+    Raises
+    ------
+    MemoryBudgetError
+        When the budget cannot hold one row of every frame, with the numbers.
+    """
+    per_row = workers * n_frames * width * bytes_per_value
+    rows = int(memory_limit // per_row)
+    if rows < 1:
+        need = math.ceil(per_row)
+        raise MemoryBudgetError(
+            f"memory_limit {_fmt(memory_limit)} cannot hold one row of all {n_frames} frames "
+            f"of {what} ({workers} workers x {n_frames} frames x {width} px x "
+            f"{bytes_per_value:g} B = {_fmt(need)}); raise memory_limit to at least "
+            f"{_fmt(need)} or lower num_workers"
+        )
+    if height is not None:
+        balanced = max(1, math.ceil(height / (4 * workers)))
+        rows = min(rows, balanced)
+    return rows
+
+
+def _fmt(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class StripReader:
+    """A lazy (N, ny, nx) view of N frames of one shape, read strip by strip.
+
+    Parameters
+    ----------
+    frames : sequence of Frame
+        Frames of identical shape; plain files are read with ``os.pread``, tile-compressed
+        ones through astropy's ``section`` (which decodes only the tiles of the strip).
+    """
+
+    frames: tuple[Frame, ...]
+
+    def __post_init__(self) -> None:
+        shapes = {f.shape for f in self.frames}
+        if len(shapes) != 1:
+            raise ValueError(f"frames of different shapes cannot be stacked: {sorted(shapes)}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(N, ny, nx)``."""
+        ny, nx = self.frames[0].shape
+        return (len(self.frames), ny, nx)
+
+    def read(self, y0: int, y1: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``[y0, y1)`` of every frame as float32 ``(N, y1 - y0, nx)``; missing = NaN."""
+        n, _, nx = self.shape
+        if out is None:
+            out = np.empty((n, y1 - y0, nx), dtype=np.float32)
+        for i, frame in enumerate(self.frames):
+            read_rows_into(frame, y0, y1, out[i])
+        return out
+
+    def read_frame_rows(self, index: int, rows: Sequence[int]) -> np.ndarray:
+        """Selected rows of one frame as float32 ``(len(rows), nx)`` (for sampled statistics)."""
+        frame = self.frames[index]
+        out = np.empty((len(rows), frame.shape[1]), dtype=np.float32)
+        pos = 0
+        for y0, y1 in _runs(rows):
+            read_rows_into(frame, y0, y1, out[pos : pos + (y1 - y0)])
+            pos += y1 - y0
+        return out
+
+
+def _runs(rows: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """Consecutive runs of sorted row indices as ``[y0, y1)`` pairs (fewer, larger reads)."""
+    rows = sorted(rows)
+    start = prev = rows[0]
+    for r in rows[1:]:
+        if r != prev + 1:
+            yield start, prev + 1
+            start = r
+        prev = r
+    yield start, prev + 1
+
+
+def read_rows_into(frame: Frame, y0: int, y1: int, out: np.ndarray) -> None:
+    """Read rows ``[y0, y1)`` of `frame` into the float32 array `out` ``(y1 - y0, nx)``."""
+    if frame.compressed:
+        out[...] = _read_compressed(frame, y0, y1)
+        return
+    nx = frame.shape[1]
+    itemsize = abs(frame.bitpix) // 8
+    nbytes = (y1 - y0) * nx * itemsize
+    fd = os.open(frame.path, os.O_RDONLY)
+    try:
+        buf = os.pread(fd, nbytes, frame.data_offset + y0 * nx * itemsize)
+    finally:
+        os.close(fd)
+    if len(buf) != nbytes:
+        raise OSError(f"{frame.path}: file is shorter than its header says (truncated?)")
+    raw = np.frombuffer(buf, dtype=frame.stored_dtype).reshape(y1 - y0, nx)
+    _to_physical(frame, raw, out)
+
+
+def _to_physical(frame: Frame, raw: np.ndarray, out: np.ndarray) -> None:
+    if frame.bitpix == 16 and frame.bscale == 1.0 and frame.bzero == 32768.0:
+        # uint16 stored as int16 + 32768: flipping the sign bit of the big-endian value read
+        # as unsigned gives the uint16 value exactly, without a float add.
+        out[...] = raw.view(">u2") ^ np.uint16(0x8000)
+    elif frame.bscale == 1.0 and frame.bzero == 0.0:
+        out[...] = raw
+    else:
+        out[...] = raw.astype(np.float64) * frame.bscale + frame.bzero
+    if frame.blank is not None:
+        out[raw == frame.blank] = np.nan
+    if frame.bitpix < 0:
+        # inf is as unusable as NaN: one masking convention for the kernels.
+        out[~np.isfinite(out)] = np.nan
+
+
+def _read_compressed(frame: Frame, y0: int, y1: int) -> np.ndarray:
+    from astropy.io import fits
+
+    with fits.open(frame.path, memmap=False) as hdul:
+        data = hdul[frame.hdu_index].section[y0:y1, :]
+    data = np.asarray(data, dtype=np.float32)
+    data[~np.isfinite(data)] = np.nan
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def _padded(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
+@dataclass(frozen=True)
+class MasterWriter:
+    """Writes one master: a float32 image HDU and an int16 HDU of frames used per pixel.
+
+    The file is laid out at construction under ``.<name>.part`` in the output folder (sparse,
+    so nothing is written twice), strips land with ``os.pwrite`` at their offsets, statistics
+    cards reserved in the header are filled in place, and `commit` renames the file into
+    place. Only paths and offsets are held, so a writer pickles to other processes.
+    """
+
+    final_path: Path
+    temp_path: Path
+    shape: tuple[int, int]
+    image_offset: int
+    count_offset: int
+    header_cards: tuple[tuple[str, int], ...]  # keyword -> byte offset of its card
+
+    @classmethod
+    def create(
+        cls,
+        final_path: Path,
+        shape: tuple[int, int],
+        header: Header,
+        count_header: Header,
+        table: BinTableHDU | None = None,
+    ) -> MasterWriter:
+        """Lay out the file: headers, preallocated data, and the optional inputs table."""
+        ny, nx = shape
+        head0 = image_header_bytes(header, shape, bitpix=-32, primary=True)
+        head1 = image_header_bytes(count_header, shape, bitpix=16, primary=False)
+        image_offset = len(head0)
+        count_header_offset = image_offset + _padded(ny * nx * 4)
+        count_offset = count_header_offset + len(head1)
+        end = count_offset + _padded(ny * nx * 2)
+        tail = extension_bytes(table) if table is not None else b""
+        temp = final_path.with_name(f".{final_path.name}.part")
+        with open(temp, "wb") as fh:
+            fh.write(head0)
+            fh.seek(count_header_offset)
+            fh.write(head1)
+            fh.truncate(end)  # sparse data: zeros read back until strips arrive
+            fh.seek(end)
+            fh.write(tail)
+        cards = tuple(_card_offsets(head0))
+        return cls(final_path, temp, shape, image_offset, count_offset, cards)
+
+    def write(self, y0: int, image: np.ndarray, count: np.ndarray) -> None:
+        """Write a strip of the image and of the frames-used map starting at row `y0`."""
+        nx = self.shape[1]
+        fd = os.open(self.temp_path, os.O_WRONLY)
+        try:
+            _pwrite_all(fd, np.ascontiguousarray(image, dtype=">f4").tobytes(),
+                        self.image_offset + y0 * nx * 4)
+            _pwrite_all(fd, np.ascontiguousarray(count, dtype=">i2").tobytes(),
+                        self.count_offset + y0 * nx * 2)
+        finally:
+            os.close(fd)
+
+    def __setitem__(self, region: tuple[slice, ...], value: np.ndarray) -> None:
+        """`dask.array.store` target: `value` is ``(2, h, nx)`` = image and count planes."""
+        rows = region[1]
+        self.write(rows.start or 0, value[0], value[1])
+
+    def read_image(self, y0: int, y1: int) -> np.ndarray:
+        """Rows of the image written so far, as float32 (for statistics and normalization)."""
+        nx = self.shape[1]
+        with open(self.temp_path, "rb") as fh:
+            fh.seek(self.image_offset + y0 * nx * 4)
+            data = fh.read((y1 - y0) * nx * 4)
+        return np.frombuffer(data, dtype=">f4").reshape(y1 - y0, nx).astype(np.float32)
+
+    def read_count(self, y0: int, y1: int) -> np.ndarray:
+        """Rows of the frames-used map written so far."""
+        nx = self.shape[1]
+        with open(self.temp_path, "rb") as fh:
+            fh.seek(self.count_offset + y0 * nx * 2)
+            data = fh.read((y1 - y0) * nx * 2)
+        return np.frombuffer(data, dtype=">i2").reshape(y1 - y0, nx).astype(np.int32)
+
+    def rewrite_image(self, y0: int, image: np.ndarray) -> None:
+        """Replace image rows from `y0` (used to normalize a flat in place)."""
+        fd = os.open(self.temp_path, os.O_WRONLY)
+        try:
+            _pwrite_all(fd, np.ascontiguousarray(image, dtype=">f4").tobytes(),
+                        self.image_offset + y0 * self.shape[1] * 4)
+        finally:
+            os.close(fd)
+
+    def set_cards(self, values: dict[str, object]) -> None:
+        """Fill reserved header cards in place (same 80-byte slot, so nothing moves)."""
+        from astropy.io import fits
+
+        offsets = dict(self.header_cards)
+        fd = os.open(self.temp_path, os.O_RDWR)
+        try:
+            for key, value in values.items():
+                if key not in offsets:
+                    raise KeyError(f"header card {key} was not reserved")
+                old = fits.Card.fromstring(os.pread(fd, 80, offsets[key]).decode("ascii"))
+                card = fits.Card(key, value, old.comment)
+                _pwrite_all(fd, card.image.encode("ascii"), offsets[key])
+        finally:
+            os.close(fd)
+
+    def commit(self) -> Path:
+        """Flush to disk and rename into place; the master now exists, complete."""
+        fd = os.open(self.temp_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(self.temp_path, self.final_path)
+        return self.final_path
+
+    def abort(self) -> None:
+        """Remove the unfinished file: a master is complete on disk or absent."""
+        self.temp_path.unlink(missing_ok=True)
+
+
+def image_header_bytes(
+    header: Header, shape: tuple[int, int], *, bitpix: int, primary: bool
+) -> bytes:
+    """The padded bytes of an image HDU header with the structural keywords set first."""
+    from astropy.io import fits
+
+    ny, nx = shape
+    hdu = fits.PrimaryHDU() if primary else fits.ImageHDU()
+    out = hdu.header.copy()
+    out["BITPIX"] = bitpix
+    out["NAXIS"] = 2
+    out.insert("NAXIS", ("NAXIS1", nx), after=True)
+    out.insert("NAXIS1", ("NAXIS2", ny), after=True)
+    if primary:
+        out["EXTEND"] = True
+    for card in header.cards:
+        if card.keyword in _STRUCTURAL:
+            continue
+        out.append(card, end=True)
+    return out.tostring().encode("ascii")
+
+
+_STRUCTURAL = {"SIMPLE", "XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND",
+               "PCOUNT", "GCOUNT", "BZERO", "BSCALE"}
+
+
+def extension_bytes(hdu: BinTableHDU) -> bytes:
+    """The bytes of one extension HDU as it would stand after a primary HDU."""
+    import io as _io
+
+    from astropy.io import fits
+
+    buf = _io.BytesIO()
+    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(buf)
+    return buf.getvalue()[BLOCK:]  # an empty primary header is exactly one record
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _card_offsets(header_bytes: bytes) -> Iterator[tuple[str, int]]:
+    for pos in range(0, len(header_bytes), 80):
+        key = header_bytes[pos : pos + 8].decode("ascii").strip()
+        if key == "END":
+            return
+        if key and key not in ("HISTORY", "COMMENT", "CONTINUE"):
+            yield key, pos

@@ -1,0 +1,185 @@
+"""StripReader against astropy's own decoding, the memory formula, and the atomic writer."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stacker.errors import MemoryBudgetError
+from stacker.frames import read_frame
+from stacker.io import MasterWriter, StripReader, plan_strips, rows_per_chunk
+
+RNG = np.random.default_rng(1)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "int16", "uint8", "int32", "float32", "float64"])
+def test_reader_matches_astropy_for_every_bitpix(fitsfile, dtype):
+    info = np.iinfo(dtype) if dtype[0] in "ui" else None
+    if info is not None:
+        data = RNG.integers(info.min, info.max, size=(23, 17), endpoint=True).astype(dtype)
+    else:
+        data = RNG.normal(1000, 50, size=(23, 17)).astype(dtype)
+    path = fitsfile(f"{dtype}.fits", data, IMAGETYP="Bias Frame")
+    frame = read_frame(path)
+    block = StripReader((frame,)).read(0, 23)
+    np.testing.assert_array_equal(block[0], data.astype(np.float32))
+
+
+def test_uint16_is_stored_with_bzero_and_decoded_exactly(fitsfile):
+    data = np.array([[0, 1, 32767, 32768, 65535]], dtype=np.uint16)
+    frame = read_frame(fitsfile("u.fits", data, IMAGETYP="Dark Frame", EXPTIME=1.0))
+    assert (frame.bitpix, frame.bzero, frame.dtype) == (16, 32768.0, "uint16")
+    np.testing.assert_array_equal(StripReader((frame,)).read(0, 1)[0], data)
+
+
+def test_bscale_bzero_and_blank_become_physical_and_nan(tmp_path):
+    raw = np.array([[10, 20], [-5, 99]], dtype=np.int16)
+    hdu = fits.PrimaryHDU(raw)
+    hdu.header["BSCALE"], hdu.header["BZERO"], hdu.header["BLANK"] = 0.5, 100.0, 99
+    hdu.header["IMAGETYP"] = "Bias Frame"
+    path = tmp_path / "scaled.fits"
+    hdu.writeto(path)
+    out = StripReader((read_frame(path),)).read(0, 2)[0]
+    np.testing.assert_array_equal(out[0], [105.0, 110.0])
+    assert out[1, 0] == 97.5 and np.isnan(out[1, 1])
+
+
+def test_inf_in_float_frames_is_missing(fitsfile):
+    data = np.array([[1.0, np.inf, -np.inf, np.nan]], dtype=np.float32)
+    frame = read_frame(fitsfile("f.fits", data, IMAGETYP="Bias Frame"))
+    out = StripReader((frame,)).read(0, 1)[0]
+    assert out[0, 0] == 1.0 and np.isnan(out[0, 1:]).all()
+
+
+def test_compressed_frames_read_by_strip(fitsfile):
+    data = RNG.integers(0, 65535, size=(40, 31)).astype(np.uint16)
+    frame = read_frame(fitsfile("c.fits.fz", data, compressed=True, IMAGETYP="Flat Field",
+                                EXPTIME=2.0))
+    assert frame.compressed and frame.hdu_index == 1 and frame.shape == (40, 31)
+    np.testing.assert_array_equal(StripReader((frame,)).read(7, 19)[0], data[7:19])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 30), st.integers(1, 4))
+def test_strips_of_any_height_reassemble_the_frames(tmp_path_factory, ny, rows, n):
+    folder = tmp_path_factory.mktemp("strips")
+    frames, truth = [], []
+    for i in range(n):
+        data = RNG.integers(0, 65535, size=(ny, 9)).astype(np.uint16)
+        truth.append(data)
+        path = folder / f"f{i}.fits"
+        fits.PrimaryHDU(data).writeto(path)
+        frames.append(read_frame(path, kind="bias"))
+    reader = StripReader(tuple(frames))
+    parts = [reader.read(y0, y1) for y0, y1 in plan_strips(ny, rows)]
+    np.testing.assert_array_equal(np.concatenate(parts, axis=1), np.stack(truth))
+
+
+def test_read_frame_rows_picks_the_rows(fitsfile):
+    data = np.arange(10 * 4, dtype=np.uint16).reshape(10, 4)
+    frame = read_frame(fitsfile("r.fits", data, IMAGETYP="Bias Frame"))
+    rows = [0, 1, 2, 5, 9]
+    np.testing.assert_array_equal(StripReader((frame,)).read_frame_rows(0, rows), data[rows])
+
+
+def test_reader_keeps_no_file_open(fitsfile):
+    frames = tuple(read_frame(fitsfile(f"o{i}.fits", np.zeros((8, 8), np.uint16),
+                                       IMAGETYP="Bias Frame")) for i in range(20))
+    before = len(os.listdir("/proc/self/fd"))
+    reader = StripReader(frames)
+    reader.read(0, 4)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_frames_of_different_shapes_are_refused(fitsfile):
+    a = read_frame(fitsfile("a.fits", np.zeros((4, 4), np.uint16), IMAGETYP="Bias Frame"))
+    b = read_frame(fitsfile("b.fits", np.zeros((4, 5), np.uint16), IMAGETYP="Bias Frame"))
+    with pytest.raises(ValueError, match="different shapes"):
+        StripReader((a, b))
+
+
+# --- strips and the memory budget ---------------------------------------------------------
+
+
+def test_plan_strips_covers_every_row_once_with_a_short_last_strip():
+    assert plan_strips(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert plan_strips(3, 10) == [(0, 3)]
+    assert plan_strips(1, 1) == [(0, 1)]
+    with pytest.raises(ValueError):
+        plan_strips(10, 0)
+
+
+def test_rows_per_chunk_is_the_documented_formula():
+    # floor(limit / (workers * n * width * bytes_per_value))
+    assert rows_per_chunk(2_000_000_000, 200, 9576, 2, 30) == 17
+    assert rows_per_chunk(10**9, 1, 100, 1, 10) == 10**6
+    # with a height, every worker gets at least four strips when the budget allows
+    assert rows_per_chunk(10**9, 1, 100, 2, 10, height=800) == 100
+
+
+def test_rows_per_chunk_does_not_depend_on_frame_height_for_peak_memory():
+    small = rows_per_chunk(512 * 2**20, 50, 4096, 2, 30)
+    large = rows_per_chunk(512 * 2**20, 200, 4096, 2, 30)
+    # 4x the frames -> 4x fewer rows: the bytes held per strip stay the same
+    assert abs(small * 50 - large * 200) <= 200
+
+
+def test_budget_that_cannot_hold_one_row_fails_with_the_numbers():
+    with pytest.raises(MemoryBudgetError) as err:
+        rows_per_chunk(1_000_000, 200, 9576, 2, 30, what="dark_300.000s")
+    msg = str(err.value)
+    assert "1.00 MB" in msg and "200 frames" in msg and "dark_300.000s" in msg
+    assert "114.91 MB" in msg  # 2 x 200 x 9576 x 30 B needed for one row
+
+
+# --- the writer ---------------------------------------------------------------------------
+
+
+def _writer(tmp_path, shape=(6, 5)):
+    header = fits.Header()
+    header["IMAGETYP"] = "MASTER DARK"
+    header["DATAMEAN"] = (0.0, "mean")
+    count = fits.Header()
+    count["EXTNAME"] = "NUSED"
+    table = fits.BinTableHDU.from_columns(
+        [fits.Column("PATH", "10A", array=["a.fits", "b.fits"])], name="INPUTS")
+    return MasterWriter.create(tmp_path / "master.fits", shape, header, count, table)
+
+
+def test_writer_is_atomic_and_round_trips(tmp_path):
+    w = _writer(tmp_path)
+    assert not w.final_path.exists() and w.temp_path.exists()
+    image = RNG.normal(size=(6, 5)).astype(np.float32)
+    count = RNG.integers(0, 50, size=(6, 5))
+    w.write(0, image[:4], count[:4])
+    w[0:2, 4:6, 0:5] = np.stack([image[4:], count[4:]])
+    w.set_cards({"DATAMEAN": 12.5})
+    assert not w.final_path.exists()
+    w.commit()
+    assert not w.temp_path.exists()
+    with fits.open(w.final_path) as hdul:
+        hdul.verify("exception")
+        np.testing.assert_array_equal(hdul[0].data, image)
+        np.testing.assert_array_equal(hdul["NUSED"].data, count)
+        assert hdul[0].header["DATAMEAN"] == 12.5
+        assert hdul[0].header["IMAGETYP"] == "MASTER DARK"
+        assert list(hdul["INPUTS"].data["PATH"]) == ["a.fits", "b.fits"]
+
+
+def test_writer_abort_leaves_nothing(tmp_path):
+    w = _writer(tmp_path)
+    w.write(0, np.zeros((6, 5)), np.zeros((6, 5)))
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_refuses_cards_it_did_not_reserve(tmp_path):
+    w = _writer(tmp_path)
+    with pytest.raises(KeyError, match="NOTHERE"):
+        w.set_cards({"NOTHERE": 1})
+    w.abort()
