@@ -98,6 +98,7 @@ def run_plan(plan: Plan, settings: Settings, *, progress: ProgressFn | None = No
     only : set of str, optional
         Job ids to run (others are left out of the results).
     """
+    check_budget(plan, settings)
     out_dir = Path(settings.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir = out_dir if settings.save_individual_masters else _work_dir(out_dir, plan)
@@ -114,6 +115,27 @@ def run_plan(plan: Plan, settings: Settings, *, progress: ProgressFn | None = No
     if not settings.save_individual_masters:
         results = _assemble_results(results, out_dir, plan, work_dir)
     return results
+
+
+def _bytes_per_value(settings: Settings) -> float:
+    from stacker.kernels import make_kernel
+
+    kernel = make_kernel(settings.rejection_method, **settings.kernel_options())
+    return READ_BYTES_PER_VALUE + kernel.bytes_per_value
+
+
+def check_budget(plan: Plan, settings: Settings) -> None:
+    """Fail before reading any pixel when a job's row does not fit the memory budget.
+
+    Raises
+    ------
+    MemoryBudgetError
+        Naming the job, the budget and the bytes one row of all its frames needs.
+    """
+    for job in plan.buildable():
+        ny, nx = job.shape
+        budget_rows(settings.memory_limit, len(job.frames), nx, workers(settings),
+                    _bytes_per_value(settings), height=ny, what=job.id)
 
 
 def _work_dir(out_dir: Path, plan: Plan) -> Path:
@@ -181,9 +203,8 @@ def build_master(job: Job, settings: Settings, path: Path, calibration: Path | N
     reader = StripReader(frames)
     n, ny, nx = reader.shape
     w = workers(settings)
-    rows = budget_rows(settings.memory_limit, n, nx, w,
-                       READ_BYTES_PER_VALUE + kernel.bytes_per_value, height=ny,
-                       what=f"{job.id} ({path.name})")
+    rows = budget_rows(settings.memory_limit, n, nx, w, _bytes_per_value(settings), height=ny,
+                       what=job.id)
     levels = scales = None
     prepare = None
     if job.kind == "flat":
@@ -314,7 +335,7 @@ def master_header(job: Job, settings: Settings, frames: tuple[Frame, ...],
     for key, value, comment in _method_cards(settings, job):
         h[key] = (value, comment)
     if calibration is not None:
-        h["CALSUB"] = (calibration.name, f"master {job.calibration.kind} subtracted per frame")
+        h["CALSUB"] = (calibration.name, "master subtracted from every frame")
         h["FLATSCAL"] = ("median", "flats scaled to their median level before rejection")
     for key, attr, comment in (("CCD-TEMP", "ccd_temp", "[C] mean sensor temperature"),
                                ("GAIN", "gain", "camera gain setting"),

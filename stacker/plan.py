@@ -129,12 +129,6 @@ def cluster(values: Sequence[float], close: Callable[[float, float], bool]) -> l
     return groups
 
 
-def exposures_equal(a: float, b: float, tolerance: float) -> bool:
-    """Two exposure times are the same setting when they differ by at most the tolerance
-    (seconds) or 0.1 % — cameras report 300 s as 300.0012."""
-    return abs(a - b) <= max(tolerance, 1e-3 * max(abs(a), abs(b)))
-
-
 def _split(frames: list[Frame], value: Callable[[Frame], float | None],
            close: Callable[[float, float], bool]) -> list[list[Frame]]:
     known = [f for f in frames if value(f) is not None]
@@ -158,14 +152,11 @@ def group_frames(frames: list[Frame], settings: Settings) -> list[list[Frame]]:
     groups = _by(frames, lambda f: (f.binning, f.gain, f.offset, f.filter if kind == "flat"
                                     else None))
     if kind in ("dark", "flat"):
-        tol = settings.exposure_tolerance
         groups = [g for grp in groups
-                  for g in _split(grp, lambda f: f.exptime,
-                                  lambda a, b: exposures_equal(a, b, tol))]
+                  for g in _split(grp, lambda f: f.exptime, settings.exposures_match)]
     if kind == "dark":
-        ttol = settings.temperature_tolerance
         groups = [g for grp in groups
-                  for g in _split(grp, lambda f: f.ccd_temp, lambda a, b: abs(a - b) <= ttol)]
+                  for g in _split(grp, lambda f: f.ccd_temp, settings.temperatures_match)]
     return groups
 
 
@@ -207,7 +198,7 @@ def _output_name(kind: str, exptime: float | None, filt: str | None, tags: list[
         parts.append(_safe(filt))
     if kind in ("dark", "flat"):
         parts.append(f"{exptime:.3f}s")
-    parts.extend(_safe(t) for t in tags)
+    parts.extend(tags)  # made by _tags from numbers: safe already
     return "_".join([*parts, timestamp]) + ".fits"
 
 
@@ -241,7 +232,7 @@ def _job_id(spec: dict) -> str:
         parts.append(_safe(spec["filter"]))
     if spec["exptime"] is not None and spec["kind"] != "bias":
         parts.append(f"{spec['exptime']:.3f}s")
-    parts.extend(_safe(t) for t in spec["tags"])
+    parts.extend(spec["tags"])
     return "_".join(parts)
 
 
@@ -306,11 +297,10 @@ def _score(flat: Job, gain: float | None, offset: float | None, temp: float | No
 
 def _attach_calibration(flat: Job, jobs: dict[str, Job], wanted: set[str],
                         existing: Sequence[Frame], settings: Settings) -> Job:
-    tol = settings.exposure_tolerance
     notes = list(flat.notes)
     for kind in ("dark", "bias"):
         def exp_ok(e: float | None, kind: str = kind) -> bool:
-            return kind == "bias" or (e is not None and exposures_equal(e, flat.exptime, tol))
+            return kind == "bias" or (e is not None and settings.exposures_match(e, flat.exptime))
 
         candidates = [j for j in jobs.values() if j.kind == kind and j.refused is None
                       and exp_ok(j.exptime) and _matches(flat, j.shape, j.binning)]

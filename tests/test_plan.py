@@ -8,7 +8,7 @@ import pytest
 
 from stacker.config import Settings
 from stacker.frames import Frame
-from stacker.plan import cluster, exposures_equal, make_plan
+from stacker.plan import cluster, make_plan
 
 TS = "20250729_143022"
 
@@ -28,10 +28,10 @@ def ids(plan):
 
 
 def test_exposures_equal_within_tolerance_or_a_tenth_percent():
-    assert exposures_equal(300.0, 300.0012, 0.01)
-    assert exposures_equal(300.0, 300.2, 0.01)  # 0.1 % of 300 s
-    assert not exposures_equal(1.0, 1.05, 0.01)
-    assert exposures_equal(1.0, 1.05, 0.1)
+    assert Settings().exposures_match(300.0, 300.0012)
+    assert Settings().exposures_match(300.0, 300.2)  # 0.1 % of 300 s
+    assert not Settings().exposures_match(1.0, 1.05)
+    assert Settings(exposure_tolerance=0.1).exposures_match(1.0, 1.05)
 
 
 def test_cluster_is_single_linkage_on_sorted_values():
@@ -109,7 +109,7 @@ def test_min_frames_refuses_a_small_group_and_other_groups_go_on():
 
 
 def test_odd_shapes_are_left_out_of_their_group_with_the_reason():
-    inv = frames("bias", 4) + [frame("bias", None, 7, shape=(10, 13))]
+    inv = [*frames("bias", 4), frame("bias", None, 7, shape=(10, 13))]
     plan = make_plan(inv, Settings(), TS)
     assert len(plan.jobs[0].frames) == 4
     assert "shape 13x10 differs from its group's 12x10" in plan.left_out[0][1]

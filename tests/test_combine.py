@@ -1,0 +1,129 @@
+"""The Dask layer: one fused task per strip, and exact statistics of a written master."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+from astropy.io import fits
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from stacker.combine import (
+    Prepare,
+    frame_stack,
+    master_statistics,
+    normalize_in_place,
+    reduce_stack,
+    sample_rows,
+)
+from stacker.frames import read_frame
+from stacker.io import MasterWriter, StripReader, plan_strips
+
+
+def _mean(block):
+    return np.nanmean(block, axis=0), np.isfinite(block).sum(axis=0)
+
+
+def _reader(tmp_path, n=4, shape=(30, 7)):
+    rng = np.random.default_rng(0)
+    frames = []
+    for i in range(n):
+        path = tmp_path / f"f{i}.fits"
+        fits.PrimaryHDU(rng.integers(0, 65535, shape).astype(np.uint16)).writeto(path)
+        frames.append(read_frame(path, kind="bias"))
+    return StripReader(tuple(frames))
+
+
+class _Sink:
+    def __init__(self, shape):
+        self.out = np.zeros(shape, np.float32)
+
+    def __setitem__(self, region, value):
+        self.out[region] = value
+
+
+def test_one_fused_task_per_strip_and_no_rechunk(tmp_path):
+    reader = _reader(tmp_path)
+    strips = plan_strips(30, 4)
+    reduced = reduce_stack(frame_stack(reader, strips), _mean)
+    layers = reduced.__dask_graph__().layers
+    assert not any("rechunk" in name for name in layers)
+    stored = da.store(reduced, _Sink((2, 30, 7)), lock=False, compute=False)
+    (optimized,) = dask.optimize(stored)
+    assert len(dict(optimized.__dask_graph__())) == len(strips)
+
+
+def test_the_reduced_stack_is_the_kernel_of_the_whole_stack(tmp_path):
+    reader = _reader(tmp_path)
+    sink = _Sink((2, 30, 7))
+    da.store(reduce_stack(frame_stack(reader, plan_strips(30, 7)), _mean), sink, lock=False,
+             scheduler="threads")
+    whole = reader.read(0, 30)
+    np.testing.assert_allclose(sink.out[0], whole.mean(axis=0), rtol=1e-6)
+    assert (sink.out[1] == 4).all()
+
+
+def test_prepare_subtracts_then_scales(tmp_path):
+    reader = _reader(tmp_path, n=3)
+    master = reader.frames[0]
+    prepare = Prepare(calibration=StripReader((master,)), scales=(1.0, 2.0, 0.5))
+    block = reader.read(3, 9)
+    expected = (block - reader.read(3, 9)[0]) * np.array([1.0, 2.0, 0.5])[:, None, None]
+    np.testing.assert_allclose(prepare(block.copy(), 3, 9), expected, rtol=1e-6)
+
+
+def test_sample_rows_are_spread_and_bounded():
+    assert sample_rows(10, 100) == list(range(10))
+    rows = sample_rows(6388, 9576)
+    assert rows[0] == 0 and rows[-1] == 6387 and 100 <= len(rows) <= 106
+    assert len(rows) * 9576 >= 1_000_000
+
+
+def _written(tmp_path, image):
+    h = fits.Header()
+    for key in ("DATAMEAN",):
+        h[key] = 0.0
+    c = fits.Header()
+    w = MasterWriter.create(tmp_path / "m.fits", image.shape, h, c)
+    w.write(0, image, np.full(image.shape, 3))
+    return w
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 12), st.integers(1, 9)),
+              elements=st.one_of(st.floats(-1e6, 1e6, width=32), st.just(np.nan),
+                                 st.sampled_from([0.0, 1.0, 1.0000001]))))
+@example(np.array([[np.nan, np.nan]], np.float32))
+@example(np.full((3, 3), 7.0, np.float32))
+def test_master_statistics_are_exact(tmp_path_factory, image):
+    w = _written(tmp_path_factory.mktemp("stats"), image)
+    stats = master_statistics(w, rows=2)
+    finite = image[np.isfinite(image)].astype(np.float64)
+    assert stats.n_nan == image.size - finite.size
+    if finite.size == 0:
+        assert np.isnan(stats.median)
+        return
+    assert stats.median == np.median(finite)
+    assert (stats.min, stats.max) == (finite.min(), finite.max())
+    assert np.isclose(stats.mean, finite.mean(), rtol=1e-9, atol=1e-6)
+    assert (stats.used_mean, stats.used_min, stats.used_max) == (3.0, 3, 3)
+    w.abort()
+
+
+def test_exact_median_of_a_large_master_with_outliers(tmp_path):
+    rng = np.random.default_rng(2)
+    image = rng.normal(1.0, 0.01, (2000, 1500)).astype(np.float32)  # > 2 M values per bin
+    image[0, 0], image[5, 5] = 1e30, -1e30
+    w = _written(tmp_path, image)
+    assert master_statistics(w, rows=500).median == np.median(image.astype(np.float64))
+    w.abort()
+
+
+def test_normalize_in_place(tmp_path):
+    image = np.arange(20, dtype=np.float32).reshape(4, 5)
+    w = _written(tmp_path, image)
+    normalize_in_place(w, 4.0, rows=3)
+    np.testing.assert_array_equal(w.read_image(0, 4), image / 4)
+    w.abort()

@@ -1,0 +1,364 @@
+"""Masters end to end through the API, judged against the simulator's ground truth.
+
+Noise floor: a master that averages n frames has, per pixel, the standard deviation of one
+frame divided by sqrt(n) (`Truth.noise_floor`); sigma clipping of Gaussian noise at 3 sigma
+loses ~1 % of efficiency. A master is "right" when the RMS of (master - truth) over the frame
+is within 1.3x the RMS of that floor and its mean offset is within a few standard errors.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from stacker.kernels import make_kernel
+from stacker.simulate import CameraModel, SimulationSpec, simulate
+
+from stacker import MasterFrameCreator, Status
+
+SHAPE = (40, 56)
+N = 12
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    """A small simulated calibration set and its truth."""
+    folder = tmp_path_factory.mktemp("raw")
+    spec = SimulationSpec(camera=CameraModel(shape=SHAPE), n_bias=N, dark_exposures=(1.0, 60.0),
+                          n_darks=N, flat_filters=("L",), flat_exposure=1.0, n_flats=N, seed=3)
+    truth = simulate(folder, spec)
+    return folder, truth
+
+
+def config(raw, tmp_path, **extra) -> dict:
+    folder, _ = raw
+    return {"master_frames": {"bias_dir": str(folder / "bias"), "darks_dir": str(folder / "darks"),
+                              "flats_dir": str(folder / "flats"),
+                              "output_dir": str(tmp_path / "out"), **extra}}
+
+
+def built(status: Status) -> dict[str, dict]:
+    return {m["job_id"]: m for m in status.details["masters"] if m["status"] == "built"}
+
+
+def data(path, hdu=0) -> np.ndarray:
+    with fits.open(path) as hdul:
+        return np.asarray(hdul[hdu].data, dtype=np.float64)
+
+
+def rms(x) -> float:
+    return float(np.sqrt(np.mean(np.square(x))))
+
+
+@pytest.fixture(scope="module")
+def default_run(raw, tmp_path_factory):
+    out = tmp_path_factory.mktemp("default")
+    status = MasterFrameCreator(config(raw, out)).create_all_master_frames()
+    return status
+
+
+def test_every_master_is_within_the_noise_floor_of_the_truth(raw, default_run):
+    _, truth = raw
+    assert default_run.success, default_run.message
+    masters = built(default_run)
+    assert set(masters) == {"bias", "dark_1.000s", "dark_60.000s", "flat_L_1.000s"}
+    for job_id, m in masters.items():
+        image = data(m["path"])
+        if m["kind"] == "bias":
+            expected = truth.master_bias()
+        elif m["kind"] == "dark":
+            expected = truth.master_dark(m["exptime"])
+        else:
+            expected = truth.master_flat("mean")
+        floor = truth.noise_floor(m["kind"], m["exptime"], N)
+        error = image - expected
+        assert rms(error) < 1.3 * rms(floor), job_id
+        assert abs(error.mean()) < 5 * rms(floor) / np.sqrt(error.size) + 1e-3 * rms(floor) \
+            or m["kind"] == "flat", job_id
+
+
+def test_master_flat_is_normalized_and_dark_subtracted(default_run):
+    flat = built(default_run)["flat_L_1.000s"]
+    image = data(flat["path"])
+    assert image.mean() == pytest.approx(1.0, abs=1e-6)
+    with fits.open(flat["path"]) as hdul:
+        h = hdul[0].header
+        assert h["IMAGETYP"] == "MASTER FLAT" and h["NORMMETH"] == "mean"
+        assert h["CALSUB"] == Path(built(default_run)["dark_1.000s"]["path"]).name
+        assert h["DATAMEAN"] == pytest.approx(1.0, abs=1e-6)
+        levels = hdul["INPUTS"].data["LEVEL"]
+        # the twilight drift of the simulated flats is measured and scaled out
+        assert levels.max() / levels.min() > 1.01
+
+
+def test_header_provenance_and_frames_used(default_run, raw):
+    m = built(default_run)["dark_60.000s"]
+    with fits.open(m["path"]) as hdul:
+        h = hdul[0].header
+        assert (h["IMAGETYP"], h["EXPTIME"], h["NCOMBINE"]) == ("MASTER DARK", 60.0, N)
+        assert (h["COMBMETH"], h["SIGLOW"], h["SIGHIGH"]) == ("sigma_clip", 3.0, 3.0)
+        assert (h["SIGCENT"], h["SIGSTDEV"], h["SIGITER"]) == ("median", "std", "converge")
+        assert h["CREATOR"].startswith("stacker ") and "DATE" in h and "CCD-TEMP" in h
+        assert h["BITPIX"] == -32
+        inputs = [c for c in h["HISTORY"] if str(c).startswith("input: ")]
+        assert len(inputs) == N
+        used = hdul["NUSED"].data
+        assert used.max() <= N and used.min() >= 1
+        assert h["NUSEDAVG"] == pytest.approx(used.mean())
+        assert len(hdul["INPUTS"].data) == N
+
+
+def _stack(paths) -> np.ndarray:
+    return np.stack([data(p) for p in paths]).astype(np.float32)
+
+
+@pytest.mark.parametrize("method", ["sigma_clip", "minmax", "median", "mean"])
+def test_strips_make_exactly_the_master_of_the_whole_stack(raw, tmp_path, method):
+    """The engine with a budget of a few rows equals the kernel applied to all frames at once."""
+    folder, _ = raw
+    cfg = config(raw, tmp_path, rejection_method=method, memory_limit=40_000, num_workers=2)
+    status = MasterFrameCreator(cfg).create_master_darks()
+    assert status.success, status.message
+    m = built(status)["dark_60.000s"]
+    assert m["stats"]["rows_per_strip"] < SHAPE[0] // 4  # really strip by strip
+    frames = sorted((folder / "darks").rglob("*.fits"))
+    frames = [p for p in frames if fits.getheader(p)["EXPTIME"] == 60.0]
+    kernel = make_kernel(method, **MasterFrameCreator(cfg).settings.kernel_options())
+    image, used = kernel(_stack(frames))
+    np.testing.assert_allclose(data(m["path"]), image, rtol=1e-6)
+    np.testing.assert_array_equal(data(m["path"], "NUSED"), used)
+
+
+def test_flat_equals_subtract_scale_combine_normalize_by_hand(raw, default_run):
+    _folder, _ = raw
+    flat = built(default_run)["flat_L_1.000s"]
+    dark = data(built(default_run)["dark_1.000s"]["path"]).astype(np.float32)
+    with fits.open(flat["path"]) as hdul:
+        paths = list(hdul["INPUTS"].data["PATH"])
+        scales = np.asarray(hdul["INPUTS"].data["SCALE"], dtype=np.float32)
+    stack = (_stack(paths) - dark) * scales[:, None, None]
+    image, _ = make_kernel("sigma_clip")(stack)
+    np.testing.assert_allclose(data(flat["path"]), image / image.mean(), rtol=2e-5)
+
+
+def test_sigma_clipping_removes_cosmic_rays_that_bias_a_plain_mean(raw, tmp_path):
+    _, truth = raw
+    results = {}
+    for method in ("mean", "sigma_clip"):
+        status = MasterFrameCreator(config(raw, tmp_path / method, rejection_method=method)
+                                    ).create_master_darks()
+        m = built(status)["dark_60.000s"]
+        floor = truth.noise_floor("dark", 60.0, N)
+        results[method] = np.abs(data(m["path"]) - truth.master_dark(60.0)) / floor
+    hits_mean = int((results["mean"] > 8).sum())
+    hits_clip = int((results["sigma_clip"] > 8).sum())
+    assert hits_mean >= 5, "the simulated set should have cosmic rays in its 60 s darks"
+    assert hits_clip <= hits_mean // 10
+
+
+# --- every seed key does what it says -----------------------------------------------------
+
+
+@pytest.mark.parametrize(("key", "value", "card", "expected"), [
+    ("rejection_method", "minmax", "COMBMETH", "minmax"),
+    ("sigma_threshold", 2.5, "SIGLOW", 2.5),
+    ("sigma_low", 4.0, "SIGLOW", 4.0),
+    ("sigma_high", 2.0, "SIGHIGH", 2.0),
+    ("sigma_center", "mean", "SIGCENT", "mean"),
+    ("sigma_stddev", "mad_std", "SIGSTDEV", "mad_std"),
+    ("max_iterations", 1, "SIGITER", 1),
+])
+def test_rejection_keys_reach_the_kernel_and_the_header(raw, tmp_path, key, value, card,
+                                                        expected):
+    status = MasterFrameCreator(config(raw, tmp_path, **{key: value})).create_master_bias()
+    with fits.open(built(status)["bias"]["path"]) as hdul:
+        assert hdul[0].header[card] == expected
+
+
+def test_nlow_nhigh_drop_that_many_values(raw, tmp_path):
+    status = MasterFrameCreator(config(raw, tmp_path, rejection_method="minmax", nlow=2,
+                                       nhigh=3)).create_master_bias()
+    path = built(status)["bias"]["path"]
+    with fits.open(path) as hdul:
+        assert (hdul[0].header["NLOW"], hdul[0].header["NHIGH"]) == (2, 3)
+        assert (hdul["NUSED"].data == N - 5).all()
+
+
+def test_a_lower_sigma_threshold_rejects_more(raw, tmp_path):
+    frac = []
+    for sigma in (2.0, 4.0):
+        status = MasterFrameCreator(config(raw, tmp_path / str(sigma), sigma_threshold=sigma)
+                                    ).create_master_bias()
+        frac.append(built(status)["bias"]["stats"]["rejfrac"])
+    assert frac[0] > frac[1] > 0
+
+
+@pytest.mark.parametrize(("method", "card"), [("mean", "DATAMEAN"), ("median", "DATAMED"),
+                                              ("max", "DATAMAX")])
+def test_normalization_method(raw, tmp_path, method, card):
+    status = MasterFrameCreator(config(raw, tmp_path, normalization_method=method)
+                                ).create_all_master_frames()
+    path = built(status)["flat_L_1.000s"]["path"]
+    image = data(path)
+    value = {"mean": image.mean(), "median": np.median(image), "max": image.max()}[method]
+    assert value == pytest.approx(1.0, abs=2e-6)
+    with fits.open(path) as hdul:
+        assert hdul[0].header[card] == pytest.approx(1.0, abs=2e-6)
+        assert hdul[0].header["NORMMETH"] == method
+
+
+@pytest.mark.parametrize(("flags", "kinds"), [
+    ({"create_master_bias": False}, {"dark", "flat"}),
+    ({"create_master_darks": False, "create_master_flats": False}, {"bias"}),
+    ({"create_master_flats": False}, {"bias", "dark"}),
+])
+def test_create_flags_choose_the_masters(raw, tmp_path, flags, kinds):
+    status = MasterFrameCreator(config(raw, tmp_path, **flags)).create_all_master_frames()
+    assert status.success
+    assert {m["kind"] for m in built(status).values()} == kinds
+
+
+def test_flats_alone_when_darks_are_off_still_subtract_a_dark(raw, tmp_path):
+    status = MasterFrameCreator(config(raw, tmp_path, create_master_darks=False,
+                                       create_master_bias=False)).create_all_master_frames()
+    masters = built(status)
+    assert set(masters) == {"dark_1.000s", "flat_L_1.000s"}  # only the dark the flat needs
+
+
+def test_save_individual_masters_false_writes_one_multi_extension_file(raw, tmp_path):
+    status = MasterFrameCreator(config(raw, tmp_path, save_individual_masters=False)
+                                ).create_all_master_frames()
+    assert status.success
+    out = tmp_path / "out"
+    fits_files = sorted(p.name for p in out.glob("*.fits"))
+    assert len(fits_files) == 1 and fits_files[0].startswith("master_frames_")
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    with fits.open(out / fits_files[0]) as hdul:
+        hdul.verify("exception")
+        names = [h.name for h in hdul[1:]]
+        assert names == ["BIAS", "BIAS_NUSED", "DARK_1.000S", "DARK_1.000S_NUSED",
+                         "DARK_60.000S", "DARK_60.000S_NUSED", "FLAT_L_1.000S",
+                         "FLAT_L_1.000S_NUSED"]
+        assert hdul["FLAT_L_1.000S"].data.mean() == pytest.approx(1.0, abs=1e-6)
+        assert hdul["DARK_60.000S"].header["IMAGETYP"] == "MASTER DARK"
+
+
+def test_input_dir_sorted_by_imagetyp_gives_the_same_masters(raw, tmp_path, default_run):
+    folder, _ = raw
+    flat_layout = tmp_path / "all"
+    for p in folder.rglob("*.fits"):
+        shutil.copy(p, flat_layout / p.name) if flat_layout.exists() else (
+            flat_layout.mkdir(), shutil.copy(p, flat_layout / p.name))
+    status = MasterFrameCreator({"master_frames": {"input_dir": str(flat_layout),
+                                                   "output_dir": str(tmp_path / "out")}}
+                                ).create_all_master_frames()
+    assert status.success
+    a, b = built(status), built(default_run)
+    assert set(a) == set(b)
+    for job_id in a:
+        np.testing.assert_allclose(data(a[job_id]["path"]), data(b[job_id]["path"]), rtol=1e-6)
+
+
+def test_memory_limit_changes_the_strips_not_the_result(raw, tmp_path):
+    images, rows = [], []
+    for limit in ("50kB", "1GB"):
+        status = MasterFrameCreator(config(raw, tmp_path / limit, memory_limit=limit,
+                                           num_workers=1)).create_master_bias()
+        m = built(status)["bias"]
+        images.append(data(m["path"]))
+        rows.append(m["stats"]["rows_per_strip"])
+    assert rows[0] < rows[1]
+    np.testing.assert_array_equal(images[0], images[1])
+
+
+def test_a_budget_below_one_row_fails_before_reading(raw, tmp_path):
+    status = MasterFrameCreator(config(raw, tmp_path, memory_limit=1000)).create_master_bias()
+    assert not status.success
+    assert "cannot hold one row" in status.message and status.details["exit_code"] == 2
+    assert not list((tmp_path / "out").glob("*.fits"))
+
+
+def test_min_frames_refuses_small_groups_and_the_rest_is_built(raw, tmp_path):
+    status = MasterFrameCreator(config(raw, tmp_path, min_frames=N + 1)).create_master_darks()
+    assert not status.success and status.data["files"] == []
+    assert f"min_frames is {N + 1}" in status.message
+
+
+def test_quality_control_leaves_out_a_blank_frame(raw, tmp_path):
+    folder, _ = raw
+    bias = tmp_path / "bias"
+    shutil.copytree(folder / "bias", bias)
+    first = sorted(bias.glob("*.fits"))[0]
+    with fits.open(first) as hdul:
+        header = hdul[0].header.copy()
+    fits.PrimaryHDU(np.zeros(SHAPE, np.uint16), header=header).writeto(bias / "blank.fits")
+    cfg = config(raw, tmp_path)
+    cfg["master_frames"]["bias_dir"] = str(bias)
+    on = MasterFrameCreator(cfg).create_master_bias()
+    m = built(on)["bias"]
+    verdicts = {Path(f["path"]).name: f["verdict"] for f in m["stats"]["frames"]}
+    assert verdicts["blank.fits"].startswith("constant frame")
+    with fits.open(m["path"]) as hdul:
+        assert hdul[0].header["NCOMBINE"] == N
+    cfg["master_frames"].update(quality_control=False, output_dir=str(tmp_path / "off"))
+    off = MasterFrameCreator(cfg).create_master_bias()
+    with fits.open(built(off)["bias"]["path"]) as hdul:
+        assert hdul[0].header["NCOMBINE"] == N + 1
+
+
+def test_log_file_in_output_dir_or_log_dir(raw, tmp_path):
+    MasterFrameCreator(config(raw, tmp_path)).create_master_bias()
+    assert len(list((tmp_path / "out").glob("master_frames_*.log"))) == 1
+    MasterFrameCreator(config(raw, tmp_path, log_dir=str(tmp_path / "logs"))).create_master_bias()
+    log = next((tmp_path / "logs").glob("master_frames_*.log")).read_text()
+    assert "bias" in log and "plan" in log
+
+
+# --- API and statuses ---------------------------------------------------------------------
+
+
+def test_status_objects_and_get_status(raw, tmp_path):
+    creator = MasterFrameCreator(config(raw, tmp_path))
+    status = creator.create_master_darks()
+    assert isinstance(status, Status) and status.success and status.level == "success"
+    assert all(Path(p).exists() for p in status.data) and len(status.data) == 2
+    assert status.details["n_master_darks"] == 2
+    assert status.details["exposure_times"]["darks"] == [1.0, 60.0]
+    flats = creator.create_master_flats()
+    assert flats.success and len(flats.data) == 1
+    state = creator.get_status()
+    assert (state["n_master_darks"], state["n_master_flats"], state["runs"]) == (2, 1, 2)
+    assert state["exposure_times"] == {"darks": [1.0, 60.0], "flats": [1.0]}
+    assert state["settings"]["rejection_method"] == "sigma_clip"
+    assert set(state["statistics"]) == {"dark_1.000s", "dark_60.000s", "flat_L_1.000s"}
+
+
+def test_flats_alone_reuse_the_master_dark_already_in_the_output_dir(raw, tmp_path):
+    darks = MasterFrameCreator(config(raw, tmp_path)).create_master_darks()
+    dark_1s = built(darks)["dark_1.000s"]["path"]
+    flats = MasterFrameCreator(config(raw, tmp_path)).create_master_flats()
+    assert flats.success and list(built(flats)) == ["flat_L_1.000s"]
+    with fits.open(built(flats)["flat_L_1.000s"]["path"]) as hdul:
+        assert hdul[0].header["CALSUB"] == Path(dark_1s).name
+
+
+def test_error_status_when_nothing_is_found(tmp_path):
+    (tmp_path / "empty").mkdir()
+    status = MasterFrameCreator({"master_frames": {"darks_dir": str(tmp_path / "empty"),
+                                                   "output_dir": str(tmp_path / "out")}}
+                                ).create_master_darks()
+    assert not status.success and status.level == "error"
+    assert status.message.startswith("No input files found")
+    assert str(tmp_path / "empty") in status.message and ".fits" in status.message
+    assert status.data["type"] == "InputError"
+
+
+def test_inputs_are_never_modified(raw, tmp_path):
+    folder, _ = raw
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (folder / "bias").glob("*")}
+    MasterFrameCreator(config(raw, tmp_path)).create_master_bias()
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (folder / "bias").glob("*")}
+    assert before == after
