@@ -19,6 +19,11 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
+# Benchmarks: simulated 4096x4096 darks (cached in benchmarks/data), ccdproc for comparison.
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 

@@ -117,11 +117,16 @@ def run_plan(plan: Plan, settings: Settings, *, progress: ProgressFn | None = No
     return results
 
 
-def _bytes_per_value(settings: Settings) -> float:
-    from stacker.kernels import make_kernel
+def strip_rows(job: Job, settings: Settings, n_frames: int | None = None) -> int:
+    """Rows per strip for `job` under the memory budget (raises MemoryBudgetError)."""
+    from stacker.kernels import BATCH_VALUES, make_kernel
 
     kernel = make_kernel(settings.rejection_method, **settings.kernel_options())
-    return READ_BYTES_PER_VALUE + kernel.bytes_per_value
+    ny, nx = job.shape
+    return budget_rows(settings.memory_limit, n_frames or len(job.frames), nx, workers(settings),
+                       READ_BYTES_PER_VALUE + kernel.bytes_per_value, height=ny,
+                       batch_bytes=kernel.batch_bytes_per_value, batch_values=BATCH_VALUES,
+                       what=job.id)
 
 
 def check_budget(plan: Plan, settings: Settings) -> None:
@@ -133,9 +138,7 @@ def check_budget(plan: Plan, settings: Settings) -> None:
         Naming the job, the budget and the bytes one row of all its frames needs.
     """
     for job in plan.buildable():
-        ny, nx = job.shape
-        budget_rows(settings.memory_limit, len(job.frames), nx, workers(settings),
-                    _bytes_per_value(settings), height=ny, what=job.id)
+        strip_rows(job, settings)
 
 
 def _work_dir(out_dir: Path, plan: Plan) -> Path:
@@ -203,8 +206,7 @@ def build_master(job: Job, settings: Settings, path: Path, calibration: Path | N
     reader = StripReader(frames)
     n, ny, nx = reader.shape
     w = workers(settings)
-    rows = budget_rows(settings.memory_limit, n, nx, w, _bytes_per_value(settings), height=ny,
-                       what=job.id)
+    rows = strip_rows(job, settings, n)
     levels = scales = None
     prepare = None
     if job.kind == "flat":

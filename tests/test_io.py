@@ -183,3 +183,21 @@ def test_writer_refuses_cards_it_did_not_reserve(tmp_path):
     with pytest.raises(KeyError, match="NOTHERE"):
         w.set_cards({"NOTHERE": 1})
     w.abort()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(10**5, 10**10), st.integers(1, 500), st.integers(1, 10000), st.integers(1, 4),
+       st.integers(1, 16), st.integers(0, 64), st.integers(0, 1 << 21))
+def test_rows_per_chunk_is_the_largest_strip_within_budget(limit, n, width, workers, bpv,
+                                                           batch_bytes, batch_values):
+    def cost(r):
+        v = r * n * width
+        return workers * (v * bpv + min(v, batch_values) * batch_bytes)
+
+    try:
+        rows = rows_per_chunk(limit, n, width, workers, bpv, batch_bytes=batch_bytes,
+                              batch_values=batch_values)
+    except MemoryBudgetError:
+        assert cost(1) > limit
+        return
+    assert cost(rows) <= limit < cost(rows + 1)

@@ -1,0 +1,1 @@
+"""stacker's benchmark suite: `python -m benchmarks --help` (or `make bench`)."""

@@ -1,0 +1,152 @@
+"""Run stacker's benchmark suite and print a markdown table with ratios from this one run.
+
+    python -m benchmarks                      # N=50 and N=200 darks of 4096x4096 uint16
+    python -m benchmarks --frames 50 --size 1024x1024 --methods sigma_clip
+    python -m benchmarks --full-frame         # 200 x 9576x6388 (24 GB of input), by hand
+
+Data sets are simulated once with `stacker simulate` and cached under benchmarks/data/.
+Each case runs in its own process; its wall time and peak resident memory (ru_maxrss of
+that process) are reported. Cases on the same files run back to back, so the page cache
+is equally warm for all of them (the floor case runs first and warms it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE / "data"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", default="50,200", help="frame counts, comma separated")
+    p.add_argument("--size", default="4096x4096", help="WIDTHxHEIGHT of the frames")
+    p.add_argument("--full-frame", action="store_true",
+                   help="200 frames of 9576x6388 (overrides --frames/--size)")
+    p.add_argument("--methods", default="sigma_clip,minmax,mean")
+    p.add_argument("--limits", default="512MB,2GB", help="stacker memory_limit values")
+    p.add_argument("--ccdproc-frames", default="50",
+                   help="frame counts at which ccdproc runs ('' to skip; it is slow)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="cache of simulated sets")
+    p.add_argument("--json", type=Path, help="also write all measurements here")
+    return p.parse_args(argv)
+
+
+def ensure_data(data: Path, width: int, height: int, n: int) -> list[Path]:
+    """Simulated darks (one exposure) for the largest N; smaller N link to a prefix."""
+    full = data / f"{width}x{height}"
+    have = sorted((full / "darks").rglob("*.fits")) if full.exists() else []
+    if len(have) < n:
+        print(f"simulating {n} darks of {width}x{height} in {full} ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "stacker", "simulate", str(full), "--width",
+                        str(width), "--height", str(height), "--n-bias", "0", "--n-darks",
+                        str(n), "--n-flats", "0", "--exposures", "60"], check=True)
+        have = sorted((full / "darks").rglob("*.fits"))
+    subset = data / f"{width}x{height}_n{n}"
+    if not subset.exists() or len(list(subset.glob("*.fits"))) != n:
+        subset.mkdir(parents=True, exist_ok=True)
+        for old in subset.glob("*.fits"):
+            old.unlink()
+        for path in have[:n]:
+            (subset / path.name).symlink_to(path)
+    return sorted(subset.glob("*.fits"))
+
+
+def run_case(case: str, files: list[Path], out: Path, **kw) -> dict:
+    args = {"case": case, "files": [str(f) for f in files], "out": str(out), **kw}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.cases", json.dumps(args)],
+                          capture_output=True, text=True, cwd=HERE.parent)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare(a: str, b: str) -> float:
+    """Largest |a - b| relative to the master's level: float32 rounding is ~1e-7."""
+    import numpy as np
+    from astropy.io import fits
+
+    x = fits.getdata(a).astype(np.float64)
+    y = fits.getdata(b).astype(np.float64)
+    return float(np.nanmax(np.abs(x - y)) / np.nanmedian(np.abs(y)))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.full_frame:
+        args.frames, args.size, args.ccdproc_frames = "200", "9576x6388", ""
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    frames = [int(n) for n in args.frames.split(",")]
+    methods = args.methods.split(",")
+    limits = args.limits.split(",")
+    ccd_frames = {int(n) for n in args.ccdproc_frames.split(",") if n}
+    results: list[dict] = []
+    work = args.data / "out"
+    ensure_data(args.data, width, height, max(frames))  # simulate once, for the largest N
+    for n in frames:
+        files = ensure_data(args.data, width, height, n)
+        nbytes = sum(f.stat().st_size for f in files)
+        row = {"n": n, "input_bytes": nbytes}
+        results.append({**row, "case": "floor", "method": "mean",
+                        **run_case("floor", files, work)})
+        for method in methods:
+            for limit in limits:
+                results.append({**row, "case": f"stacker {limit}", "method": method,
+                                **run_case("stacker", files, work / f"s{n}{method}{limit}",
+                                           method=method, memory_limit=limit)})
+            if n in ccd_frames and method in ("sigma_clip", "minmax"):
+                results.append({**row, "case": "ccdproc", "method": method,
+                                **run_case("ccdproc", files, work / f"c{n}{method}",
+                                           method=method)})
+    print(report(results, limits))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+def _find(results, n, case, method):
+    return next((r for r in results if r["n"] == n and r["case"] == case
+                 and r["method"] == method and "seconds" in r), None)
+
+
+def report(results: list[dict], limits: list[str]) -> str:
+    lines = ["| case | method | N | wall s | input MB/s | peak MB | x floor |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['method']} | {r['n']} | failed: {r['error']} "
+                         "| | | |")
+            continue
+        floor = _find(results, r["n"], "floor", "mean")
+        ratio = r["seconds"] / floor["seconds"] if floor else float("nan")
+        lines.append(f"| {r['case']} | {r['method']} | {r['n']} | {r['seconds']:.2f} | "
+                     f"{r['input_bytes'] / r['seconds'] / 1e6:.0f} | "
+                     f"{r['peak_bytes'] / 1e6:.0f} | {ratio:.2f} |")
+    lines += ["", "Ratios measured in this run:"]
+    ns = sorted({r["n"] for r in results})
+    for r in results:
+        if r["case"] == "ccdproc" and "seconds" in r:
+            ours = _find(results, r["n"], f"stacker {limits[-1]}", r["method"])
+            if ours:
+                lines.append(f"- ccdproc / stacker {limits[-1]} ({r['method']}, N={r['n']}): "
+                             f"{r['seconds'] / ours['seconds']:.1f}x time, "
+                             f"{r['peak_bytes'] / ours['peak_bytes']:.1f}x peak memory; "
+                             f"max relative difference {compare(r['output'], ours['output']):.1e}")
+    if len(ns) > 1:
+        for limit in limits:
+            for method in sorted({r["method"] for r in results if r["case"] != "floor"}):
+                a = _find(results, ns[0], f"stacker {limit}", method)
+                b = _find(results, ns[-1], f"stacker {limit}", method)
+                if a and b:
+                    lines.append(f"- peak memory N={ns[-1]} / N={ns[0]} (stacker {limit}, "
+                                 f"{method}): {b['peak_bytes'] / a['peak_bytes']:.2f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""One benchmark case, run in a fresh process so that its peak memory is its own.
+
+    python -m benchmarks.cases '{"case": "stacker", "files": [...], ...}'
+
+prints one JSON line: wall seconds, peak resident memory of this process (ru_maxrss),
+bytes of input, and the output file when there is one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def floor(files: list[str], rows: int = 64, **_) -> dict:
+    """What reading the data costs: every input byte, strip by strip, into a float32 mean."""
+    from astropy.io import fits
+
+    with fits.open(files[0]) as hdul:
+        ny, nx = hdul[0].shape
+        offset = hdul[0].fileinfo()["datLoc"]
+    out = np.empty((ny, nx), np.float32)
+    acc = np.empty((rows, nx), np.float32)
+    for y0 in range(0, ny, rows):
+        y1 = min(y0 + rows, ny)
+        acc[: y1 - y0] = 0
+        for path in files:
+            fd = os.open(path, os.O_RDONLY)
+            buf = os.pread(fd, (y1 - y0) * nx * 2, offset + y0 * nx * 2)
+            os.close(fd)
+            acc[: y1 - y0] += np.frombuffer(buf, ">u2").reshape(y1 - y0, nx) ^ np.uint16(0x8000)
+        out[y0:y1] = acc[: y1 - y0] / len(files)
+    return {}
+
+
+def stacker(files: list[str], out: str, method: str, memory_limit: str, **_) -> dict:
+    """stacker's master dark of `files` (all one exposure) through the public API."""
+    from stacker import MasterFrameCreator
+
+    folder = Path(files[0]).parent
+    settings = {"darks_dir": str(folder), "output_dir": out, "rejection_method": method,
+                "memory_limit": memory_limit, "quality_control": False, "min_frames": 1,
+                "log_level": "WARNING"}
+    status = MasterFrameCreator({"master_frames": settings}).create_master_darks()
+    if not status.success:
+        raise SystemExit(status.message)
+    return {"output": status.data[0]}
+
+
+def ccdproc(files: list[str], out: str, method: str, **_) -> dict:
+    """ccdproc.combine with the closest settings (its clipping is one pass)."""
+    import ccdproc as cp
+    from astropy.stats import mad_std  # noqa: F401 - documents the alternative spread
+
+    kwargs = {"method": "average", "unit": "adu", "dtype": np.float32}
+    if method == "sigma_clip":
+        kwargs.update(sigma_clip=True, sigma_clip_low_thresh=3, sigma_clip_high_thresh=3,
+                      sigma_clip_func=np.ma.median, sigma_clip_dev_func=np.ma.std)
+    elif method == "minmax":
+        kwargs.update(clip_extrema=True, nlow=1, nhigh=1)
+    path = Path(out) / "ccdproc.fits"
+    Path(out).mkdir(parents=True, exist_ok=True)
+    combined = cp.combine(files, **kwargs)
+    combined.write(path, overwrite=True)
+    return {"output": str(path)}
+
+
+CASES = {"floor": floor, "stacker": stacker, "ccdproc": ccdproc}
+
+
+def main() -> None:
+    args = json.loads(sys.argv[1])
+    start = time.perf_counter()
+    extra = CASES[args["case"]](**args)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    print(json.dumps({"seconds": seconds, "peak_bytes": peak, **extra}))
+
+
+if __name__ == "__main__":
+    main()
