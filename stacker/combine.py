@@ -10,6 +10,7 @@ preallocated master file as soon as it is done, so at most `num_workers` strips 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,8 +95,10 @@ def combine_into(reader: StripReader, writer: MasterWriter, kernel: Callable, ro
 
     strips = plan_strips(reader.shape[1], rows)
     reduced = reduce_stack(frame_stack(reader, strips), kernel, prepare)
-    with dask.config.set(scheduler="threads", num_workers=num_workers):
-        da.store(reduced, writer, lock=False, callbacks=list(callbacks) or None)
+    with dask.config.set(scheduler="threads", num_workers=num_workers), ExitStack() as stack:
+        for callback in callbacks:
+            stack.enter_context(callback)
+        da.store(reduced, writer, lock=False)
 
 
 def sample_rows(ny: int, nx: int, pixels: int = LEVEL_SAMPLE_PIXELS) -> list[int]:

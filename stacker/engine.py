@@ -337,7 +337,7 @@ def master_header(job: Job, settings: Settings, frames: tuple[Frame, ...],
     for key, value, comment in _method_cards(settings, job):
         h[key] = (value, comment)
     if calibration is not None:
-        h["CALSUB"] = (calibration.name, "master subtracted from every frame")
+        h["CALSUB"] = (calibration.name, "subtracted master")
         h["FLATSCAL"] = ("median", "flats scaled to their median level before rejection")
     for key, attr, comment in (("CCD-TEMP", "ccd_temp", "[C] mean sensor temperature"),
                                ("GAIN", "gain", "camera gain setting"),

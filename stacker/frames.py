@@ -410,8 +410,10 @@ def _sources(settings: Settings, kinds: Sequence[str]) -> list[tuple[Path, str |
 
 def _nothing_found(inventory: Inventory, kinds: Sequence[str]) -> str:
     folders = ", ".join(str(p) for p in inventory.searched)
-    first = f"; first problem: {inventory.skipped[0].path}: {inventory.skipped[0].reason}"
-    hint = first if inventory.skipped else ""
+    hint = ""
+    if inventory.skipped:
+        first = inventory.skipped[0]
+        hint = f"; first problem: {first.path}: {first.reason}"
     return (
         f"No input files found: no usable {'/'.join(kinds)} frames in {folders} "
         f"(extensions {', '.join(FITS_SUFFIXES)}){hint}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,7 +349,10 @@ def image_header_bytes(
         if card.keyword in _STRUCTURAL:
             continue
         out.append(card, end=True)
-    return out.tostring().encode("ascii")
+    with warnings.catch_warnings():
+        # A long value (a file name) shortens its comment; the value itself is kept whole.
+        warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+        return out.tostring().encode("ascii")
 
 
 _STRUCTURAL = {"SIMPLE", "XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND",
