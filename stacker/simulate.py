@@ -296,8 +296,8 @@ def simulate(out_dir: Path, spec: SimulationSpec | None = None) -> Truth:
                                spec.cosmic_rate),
                         _header(cam, "Flat Field", spec.flat_exposure, when, rng, filt))
             when += timedelta(seconds=spec.flat_exposure + 2)
-    params = {**{k: v for k, v in asdict(cam).items()}, **{
-        k: v for k, v in asdict(spec).items() if k != "camera"}}
+    params = {**asdict(cam), **{k: v for k, v in asdict(spec).items() if k != "camera"}}
+    params = json.loads(json.dumps(params))  # the form it has once saved: lists, not tuples
     truth = Truth(camera.bias, camera.rate_e / cam.gain, camera.flat, params)
     truth.save(out_dir)
     return truth

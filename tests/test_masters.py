@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
-from stacker.kernels import make_kernel
-from stacker.simulate import CameraModel, SimulationSpec, simulate
 
 from stacker import MasterFrameCreator, Status
+from stacker.kernels import make_kernel
+from stacker.simulate import CameraModel, SimulationSpec, simulate
 
 SHAPE = (40, 56)
 N = 12
