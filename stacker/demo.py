@@ -42,12 +42,12 @@ def run_demo(folder: Path, echo: Callable[[str], None] = print) -> int:
         echo(f"demo failed: {status.message}")
         return 1
     echo("")
-    echo(f"{'master':<34} {'frames':>6} {'rms vs truth':>13} {'noise floor':>12}")
+    echo(f"{'master':<44} {'frames':>6} {'rms vs truth':>13} {'noise floor':>12}")
     worst = 0.0
     for m in status.details["masters"]:
         rms, floor = compare(m, truth)
         worst = max(worst, rms / floor)
-        echo(f"{Path(m['path']).name:<34} {m['n_frames']:>6} {rms:>13.4g} {floor:>12.4g}")
+        echo(f"{Path(m['path']).name:<44} {m['n_frames']:>6} {rms:>13.4g} {floor:>12.4g}")
     echo("")
     echo(f"masters are in {Path(status.details['output_dir'])}")
     echo(f"log: {Path(status.details['output_dir'])}/master_frames_*.log; "

@@ -697,3 +697,14 @@ def test_yaml_file_round_trip_of_a_full_settings():
         path = Path(folder) / "dump.yaml"
         path.write_text(yaml.safe_dump({"master_frames": s.to_dict()}), encoding="utf-8")
         assert load_settings(path) == s
+
+
+def test_the_shipped_config_file_is_every_default():
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "master_frames.yaml"
+    settings = load_settings(shipped)
+    section = yaml.safe_load(shipped.read_text())["master_frames"]
+    assert set(section) == set(KNOWN_KEYS)  # every key is documented there
+    defaults = Settings()
+    for key in KNOWN_KEYS:
+        if key != "output_dir":  # relative to the file's folder
+            assert getattr(settings, key) == getattr(defaults, key), key

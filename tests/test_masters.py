@@ -364,3 +364,27 @@ def test_inputs_are_never_modified(raw, tmp_path):
     MasterFrameCreator(config(raw, tmp_path)).create_master_bias()
     after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (folder / "bias").glob("*")}
     assert before == after
+
+
+def test_tile_compressed_frames_give_the_same_master(raw, tmp_path, default_run):
+    folder, _ = raw
+    packed = tmp_path / "bias_fz"
+    packed.mkdir()
+    for p in sorted((folder / "bias").glob("*.fits")):
+        with fits.open(p) as hdul:
+            fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(hdul[0].data, hdul[0].header)]
+                         ).writeto(packed / (p.name + ".fz"))
+    cfg = config(raw, tmp_path)
+    cfg["master_frames"]["bias_dir"] = str(packed)
+    status = MasterFrameCreator(cfg).create_master_bias()
+    np.testing.assert_array_equal(data(built(status)["bias"]["path"]),
+                                  data(built(default_run)["bias"]["path"]))
+
+
+def test_num_workers_does_not_change_the_result(raw, tmp_path):
+    images = []
+    for w in (1, 2):
+        status = MasterFrameCreator(config(raw, tmp_path / str(w), num_workers=w,
+                                           memory_limit="300kB")).create_master_bias()
+        images.append(data(built(status)["bias"]["path"]))
+    np.testing.assert_array_equal(images[0], images[1])

@@ -129,3 +129,9 @@ def test_describe_lists_every_job(kinds):
     text = plan.describe()
     for job in plan.jobs:
         assert job.id in text and job.output_name in text
+
+
+def test_temperature_tolerance_merges_or_splits_dark_groups():
+    inv = frames("dark", 3, 60.0, ccd_temp=-10.0) + frames("dark", 3, 60.0, ccd_temp=-5.0)
+    assert len(make_plan(inv, Settings(temperature_tolerance=2.0), TS).jobs) == 2
+    assert len(make_plan(inv, Settings(temperature_tolerance=6.0), TS).jobs) == 1
