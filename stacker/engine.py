@@ -119,14 +119,12 @@ def run_plan(plan: Plan, settings: Settings, *, progress: ProgressFn | None = No
 
 def strip_rows(job: Job, settings: Settings, n_frames: int | None = None) -> int:
     """Rows per strip for `job` under the memory budget (raises MemoryBudgetError)."""
-    from stacker.kernels import BATCH_VALUES, make_kernel
+    from stacker.kernels import make_kernel
 
     kernel = make_kernel(settings.rejection_method, **settings.kernel_options())
     ny, nx = job.shape
     return budget_rows(settings.memory_limit, n_frames or len(job.frames), nx, workers(settings),
-                       READ_BYTES_PER_VALUE + kernel.bytes_per_value, height=ny,
-                       batch_bytes=kernel.batch_bytes_per_value, batch_values=BATCH_VALUES,
-                       what=job.id)
+                       READ_BYTES_PER_VALUE + kernel.bytes_per_value, height=ny, what=job.id)
 
 
 def check_budget(plan: Plan, settings: Settings) -> None:

@@ -49,45 +49,30 @@ def rows_per_chunk(
     bytes_per_value: float,
     *,
     height: int | None = None,
-    batch_bytes: float = 0,
-    batch_values: int = 0,
     what: str = "this group",
 ) -> int:
     """Rows per strip so that `workers` strips in flight stay within `memory_limit`.
 
-    One strip of ``r`` rows holds ``v = r * n_frames * width`` values and costs
-    ``v * bytes_per_value + min(v, batch_values) * batch_bytes`` bytes: every working copy of
-    each value (raw bytes, the float32 block, the kernel's sorted copy) plus the temporaries
-    of the batch the kernel works on. ``rows`` is the largest ``r`` with ``workers`` such
-    strips within `memory_limit`; without batches that is
-    ``floor(memory_limit / (workers * n_frames * width * bytes_per_value))``. With `height`
-    given, strips are also made small enough that every worker gets at least four of them
-    (progress and balance), but never smaller than the budget allows.
+    ``rows = floor(memory_limit / (workers * n_frames * width * bytes_per_value))``, where
+    `bytes_per_value` counts every working copy of one input value (the raw bytes read, the
+    float32 block, whatever the kernel holds per value). With `height` given, strips are also
+    made small enough that every worker gets at least four of them (progress and balance),
+    but never smaller than the budget allows.
 
     Raises
     ------
     MemoryBudgetError
         When the budget cannot hold one row of every frame, with the numbers.
     """
-    row_values = n_frames * width
-    per_row = workers * row_values * bytes_per_value
-
-    def cost(r: int) -> float:
-        return workers * (r * row_values * bytes_per_value
-                          + min(r * row_values, batch_values) * batch_bytes)
-
+    per_row = workers * n_frames * width * bytes_per_value
     rows = int(memory_limit // per_row)
-    while rows >= 1 and cost(rows) > memory_limit:  # batch temporaries: shrink to fit
-        over = cost(rows) - memory_limit
-        rows -= max(1, math.ceil(over / (workers * row_values * (bytes_per_value + batch_bytes))))
     if rows < 1:
-        need = math.ceil(cost(1))
+        need = math.ceil(per_row)
         raise MemoryBudgetError(
             f"memory_limit {_fmt(memory_limit)} cannot hold one row of all {n_frames} frames "
             f"of {what} ({workers} workers x {n_frames} frames x {width} px x "
-            f"{need / (workers * row_values):.3g} B = {_fmt(need)}); "
-            f"raise memory_limit to at least "
-            f"{_fmt(need)} or lower num_workers"
+            f"{bytes_per_value:g} B = {_fmt(need)}); "
+            f"raise memory_limit to at least {_fmt(need)} or lower num_workers"
         )
     if height is not None:
         balanced = max(1, math.ceil(height / (4 * workers)))

@@ -8,12 +8,10 @@ at construction, picklable and safe to share between threads.
 Each fast kernel has a slow reference beside it (``*_reference``), written per pixel for
 clarity; property tests prove they agree.
 
-How the fast kernels work: the block is transposed to (pixels, N) so that each pixel's values
-are contiguous, and sorted once (NaN sorts last). For every rejection rule here the values a
-pixel keeps are then a contiguous range ``[lo, hi)`` of its sorted values, so clipping is a
-matter of moving two indices, and sums over the range come from prefix sums. Pixels are
-processed in batches of about a million values, which bounds the working memory of a call to
-the transposed copy plus a few tens of megabytes, whatever N is.
+How the fast kernels work: `stacker._fast` compiles (numba, releasing the GIL) a loop over
+the pixels that gathers each pixel's finite values into a small buffer and works on it with
+O(N) selections (quickselect) rather than a sort; clipping compacts the buffer in place. A
+call holds nothing beyond the block and two buffers of N values, whatever N is.
 """
 
 from __future__ import annotations
@@ -27,80 +25,21 @@ import numpy as np
 MAD_TO_STD = 1.482602218505602
 #: Relative slack on the clipping bounds (see `SigmaClip`).
 SLACK = 1e-6
-#: Values per processing batch inside a kernel call (bounds temporary memory).
-BATCH_VALUES = 1 << 20
 
 
 class Kernel(Protocol):
     """What the engine needs from a kernel."""
 
-    #: Bytes per input value the kernel holds while it runs (its transposed sorted copy).
+    #: Bytes per input value the kernel holds while it runs, beyond the block itself.
     bytes_per_value: ClassVar[int]
-    #: Bytes per value of the temporaries of one batch (at most `BATCH_VALUES` values).
-    batch_bytes_per_value: ClassVar[int]
 
     def __call__(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-# --------------------------------------------------------------------------------------------
-# shared machinery
-
-
-def _sorted_pixels(block: np.ndarray) -> np.ndarray:
-    """(N, h, w) -> (h*w, N) float32, each row sorted ascending with NaN last."""
-    n = block.shape[0]
-    x = np.array(block.reshape(n, -1).T, dtype=np.float32, order="C")
-    x.sort(axis=1)
-    return x
-
-
-def _finite_count(x: np.ndarray) -> np.ndarray:
-    return x.shape[1] - np.isnan(x).sum(axis=1)
-
-
-def _batches(p: int, n: int):
-    step = max(1, BATCH_VALUES // max(n, 1))
-    for start in range(0, p, step):
-        yield slice(start, min(start + step, p))
-
-
-def _take(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    return np.take_along_axis(x, idx[:, None], axis=1)[:, 0].astype(np.float64)
-
-
-def _range_median(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Median of the sorted values x[i, lo[i]:hi[i]] (mean of the two middle ones)."""
-    m = hi - lo
-    return 0.5 * (_take(x, lo + (m - 1) // 2) + _take(x, lo + m // 2))
-
-
-class _PrefixSums:
-    """Sums of (x - shift) and (x - shift)**2 over any [lo, hi) of each row, in float64."""
-
-    def __init__(self, x: np.ndarray, shift: np.ndarray) -> None:
-        d = x.astype(np.float64) - shift[:, None]
-        d[np.isnan(d)] = 0.0  # NaNs sit after hi: they never enter a range, keep sums finite
-        self.shift = shift
-        self.s1 = np.zeros((x.shape[0], x.shape[1] + 1))
-        self.s2 = np.zeros_like(self.s1)
-        np.cumsum(d, axis=1, out=self.s1[:, 1:])
-        np.cumsum(d * d, axis=1, out=self.s2[:, 1:])
-
-    def mean_std(self, rows, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        m = (hi - lo).astype(np.float64)
-        s1 = _pair(self.s1, rows, hi) - _pair(self.s1, rows, lo)
-        s2 = _pair(self.s2, rows, hi) - _pair(self.s2, rows, lo)
-        mean = s1 / m
-        var = np.maximum(s2 / m - mean * mean, 0.0)
-        return mean + self.shift[rows], np.sqrt(var)
-
-
-def _pair(a: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    return a[rows, cols]
-
-
-def _result(shape, image: np.ndarray, used: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return image.reshape(shape).astype(np.float32), used.reshape(shape).astype(np.uint16)
+def _prepared(block: np.ndarray):
+    block = np.ascontiguousarray(block, dtype=np.float32)
+    shape = block.shape[1:]
+    return block, np.empty(shape, np.float32), np.empty(shape, np.uint16)
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,7 +81,8 @@ class SigmaClip:
     The seed guide's single-pass clip is ``SigmaClip(center="mean", max_iterations=1)``.
     With N <= 10 frames a single outlier can never exceed 3 standard deviations of a mean/std
     clip; the median centre used by default does not have that blind spot.
-    Cost: one sort of each pixel's N values, then O(N) per iteration for pixels still changing.
+    Cost: O(N) per pixel and iteration (a quickselect for the median, one pass for the
+    spread, one to compact); most pixels converge after the first iteration.
     """
 
     sigma_low: float = 3.0
@@ -151,10 +91,8 @@ class SigmaClip:
     stddev: Literal["std", "mad_std"] = "std"
     max_iterations: int | None = None
 
-    # Measured with tracemalloc on (N=20 and 200, 40, 4096) blocks: peak = 4 B per value
-    # (the sorted copy) + 35-44 B per value of the batch being clipped (float64 prefix sums).
-    bytes_per_value: ClassVar[int] = 4
-    batch_bytes_per_value: ClassVar[int] = 48
+    # Beyond the float32 block the engine reads, a call holds two buffers of N values.
+    bytes_per_value: ClassVar[int] = 0
 
     def __post_init__(self) -> None:
         for name in ("sigma_low", "sigma_high"):
@@ -169,59 +107,14 @@ class SigmaClip:
 
     def __call__(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Combine a (N, h, w) block; returns (image float32 (h, w), n_used uint16 (h, w))."""
-        n = block.shape[0]
-        x = _sorted_pixels(block)
-        image = np.empty(x.shape[0], np.float64)
-        used = np.empty(x.shape[0], np.int64)
-        for rows in _batches(x.shape[0], n):
-            image[rows], used[rows] = self._clip(x[rows])
-        return _result(block.shape[1:], image, used)
+        from stacker import _fast
 
-    def _clip(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        p = x.shape[0]
-        lo = np.zeros(p, np.int64)
-        hi = _finite_count(x).astype(np.int64)
-        has = hi > 0
-        shift = np.zeros(p)
-        shift[has] = _range_median(x[has], lo[has], hi[has])
-        sums = _PrefixSums(x, shift)
-        active = np.flatnonzero(has)
-        iteration = 0
-        while active.size and (self.max_iterations is None or iteration < self.max_iterations):
-            iteration += 1
-            a_lo, a_hi = lo[active], hi[active]
-            xa = x[active]
-            c, s = self._centre_spread(xa, sums, active, a_lo, a_hi)
-            lower = c - self.sigma_low * s * (1 + SLACK)
-            upper = c + self.sigma_high * s * (1 + SLACK)
-            new_lo = np.maximum(a_lo, (xa < lower[:, None]).sum(axis=1))
-            new_hi = np.minimum(a_hi, (xa <= upper[:, None]).sum(axis=1))
-            moved = ((new_lo != a_lo) | (new_hi != a_hi)) & (new_hi > new_lo)
-            lo[active[moved]], hi[active[moved]] = new_lo[moved], new_hi[moved]
-            active = active[moved]
-        mean = np.full(p, np.nan)
-        rows = np.flatnonzero(has)
-        mean[rows] = sums.mean_std(rows, lo[rows], hi[rows])[0]
-        return mean, hi - lo
-
-    def _centre_spread(self, xa, sums, rows, lo, hi):
-        median = _range_median(xa, lo, hi) if (self.center == "median"
-                                               or self.stddev == "mad_std") else None
-        if self.stddev == "std" or self.center == "mean":
-            mean, std = sums.mean_std(rows, lo, hi)
-        centre = median if self.center == "median" else mean
-        if self.stddev == "std":
-            return centre, std
-        return centre, MAD_TO_STD * _range_mad(xa, lo, hi, median)
-
-
-def _range_mad(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, median: np.ndarray) -> np.ndarray:
-    """median(|x - median|) over each row's range [lo, hi)."""
-    idx = np.arange(x.shape[1])
-    inside = (idx >= lo[:, None]) & (idx < hi[:, None])
-    dev = np.where(inside, np.abs(x.astype(np.float64) - median[:, None]), np.inf)
-    dev.sort(axis=1)
-    return _range_median(dev, np.zeros_like(lo), hi - lo)
+        block, image, used = _prepared(block)
+        iterations = -1 if self.max_iterations is None else self.max_iterations
+        _fast.sigma_clip(block, float(self.sigma_low), float(self.sigma_high),
+                         self.center == "mean", self.stddev == "mad_std", iterations, image,
+                         used)
+        return image, used
 
 
 def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -244,9 +137,7 @@ class MinMax:
     nlow: int = 1
     nhigh: int = 1
 
-    # Measured as SigmaClip's: 4 B per value + 8-10 B per batch value.
-    bytes_per_value: ClassVar[int] = 4
-    batch_bytes_per_value: ClassVar[int] = 12
+    bytes_per_value: ClassVar[int] = 0
 
     def __post_init__(self) -> None:
         for name in ("nlow", "nhigh"):
@@ -256,49 +147,26 @@ class MinMax:
 
     def __call__(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Combine a (N, h, w) block; returns (image, n_used)."""
-        n = block.shape[0]
-        x = _sorted_pixels(block)
-        image = np.empty(x.shape[0], np.float64)
-        used = np.empty(x.shape[0], np.int64)
-        for rows in _batches(x.shape[0], n):
-            xb = x[rows]
-            m = _finite_count(xb)
-            trim = m > self.nlow + self.nhigh
-            lo = np.where(trim, self.nlow, 0)
-            hi = np.where(trim, m - self.nhigh, m)
-            image[rows] = _range_mean(xb, lo, hi)
-            used[rows] = hi - lo
-        return _result(block.shape[1:], image, used)
+        from stacker import _fast
 
-
-def _range_mean(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    idx = np.arange(x.shape[1])
-    inside = (idx >= lo[:, None]) & (idx < hi[:, None])
-    total = np.where(inside, x, 0).sum(axis=1, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(hi > lo, total / (hi - lo), np.nan)
+        block, image, used = _prepared(block)
+        _fast.minmax(block, self.nlow, self.nhigh, image, used)
+        return image, used
 
 
 @dataclass(frozen=True)
 class Median:
     """Per-pixel median of the finite values (mean of the two middle ones for even counts)."""
 
-    bytes_per_value: ClassVar[int] = 4
-    batch_bytes_per_value: ClassVar[int] = 12
+    bytes_per_value: ClassVar[int] = 0
 
     def __call__(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Combine a (N, h, w) block; returns (image, n_used)."""
-        x = _sorted_pixels(block)
-        image = np.full(x.shape[0], np.nan)
-        used = np.empty(x.shape[0], np.int64)
-        for rows in _batches(x.shape[0], block.shape[0]):
-            xb = x[rows]
-            m = _finite_count(xb)
-            has = m > 0
-            part = np.full(xb.shape[0], np.nan)
-            part[has] = _range_median(xb[has], np.zeros(int(has.sum()), np.int64), m[has])
-            image[rows], used[rows] = part, m
-        return _result(block.shape[1:], image, used)
+        from stacker import _fast
+
+        block, image, used = _prepared(block)
+        _fast.median(block, image, used)
+        return image, used
 
 
 @dataclass(frozen=True)
@@ -307,7 +175,6 @@ class Mean:
 
     # The NaN mask (1 B) and, only when there are NaNs, a zero-filled copy (4 B).
     bytes_per_value: ClassVar[int] = 5
-    batch_bytes_per_value: ClassVar[int] = 0
 
     def __call__(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Combine a (N, h, w) block; returns (image, n_used)."""

@@ -166,16 +166,3 @@ def test_kernels_are_frozen_picklable_and_validated():
         MinMax(nlow=-1)
     with pytest.raises(ValueError, match="unknown method"):
         make_kernel("kappa")
-
-
-def test_large_blocks_are_processed_in_batches_with_the_same_result(monkeypatch):
-    import stacker.kernels as kernels
-
-    rng = np.random.default_rng(1)
-    block = rng.normal(0, 1, (9, 16, 16)).astype(np.float32)
-    block[2, ::3, ::5] = 40
-    whole = SigmaClip()(block)
-    monkeypatch.setattr(kernels, "BATCH_VALUES", 20)  # many small batches
-    batched = SigmaClip()(block)
-    np.testing.assert_array_equal(whole[0], batched[0])
-    np.testing.assert_array_equal(whole[1], batched[1])

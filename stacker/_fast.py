@@ -1,0 +1,230 @@
+"""Compiled per-pixel loops behind `stacker.kernels` (numba, ``nogil``: Dask threads run them
+in parallel).
+
+Each loop walks the pixels of a (N, h, w) float32 block, gathers one pixel's finite values
+into a small buffer and works on that buffer with O(N) selections (quickselect) instead of a
+sort. The rules are the ones documented on the kernel classes; the slow references in
+`stacker.kernels` are the oracle these loops are tested against.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+MAD_TO_STD = 1.482602218505602
+SLACK = 1e-6
+
+
+@njit(nogil=True, cache=True)
+def _select(a, lo, hi, k):  # pragma: no cover - compiled
+    """Partially order a[lo:hi] so that a[k] is the value of rank k; returns it."""
+    while hi - lo > 1:
+        mid = (lo + hi - 1) // 2
+        # median of three as pivot, moved to the end
+        x, y, z = a[lo], a[mid], a[hi - 1]
+        if (x <= y <= z) or (z <= y <= x):
+            p = mid
+        elif (y <= x <= z) or (z <= x <= y):
+            p = lo
+        else:
+            p = hi - 1
+        pivot = a[p]
+        a[p], a[hi - 1] = a[hi - 1], a[p]
+        # Branch-free Lomuto partition: on random data a branch per element mispredicts half
+        # the time, which costs more than the unconditional swap.
+        store = lo
+        for i in range(lo, hi - 1):
+            v = a[i]
+            a[i] = a[store]
+            a[store] = v
+            store += v < pivot
+        a[store], a[hi - 1] = a[hi - 1], a[store]
+        if k == store:
+            return a[k]
+        if k < store:
+            hi = store
+        else:
+            lo = store + 1
+    return a[k]
+
+
+@njit(nogil=True, cache=True)
+def _median(values, m, work):  # pragma: no cover - compiled
+    """Median of values[:m] (mean of the two middle ones when m is even); uses `work`."""
+    for i in range(m):
+        work[i] = values[i]
+    k = (m - 1) // 2
+    a = _select(work, 0, m, k)
+    if m % 2 == 1:
+        return np.float64(a)
+    b = work[k + 1]
+    for i in range(k + 2, m):  # the smallest value above rank k is the next order statistic
+        if work[i] < b:
+            b = work[i]
+    return 0.5 * (np.float64(a) + np.float64(b))
+
+
+TILE = 64  # pixels gathered together: frame rows are read 256 bytes at a time
+
+
+@njit(nogil=True, cache=True)
+def _load_tile(block, y, x0, x1, tile):  # pragma: no cover - compiled
+    """tile[j, :] = the N values of pixel (y, x0 + j): contiguous reads of every frame's row.
+
+    Reading one pixel's N values directly would touch N cache lines a whole frame apart,
+    which alias in the cache; a tile reads each frame's row segment once.
+    """
+    for i in range(block.shape[0]):
+        for j in range(x1 - x0):
+            tile[j, i] = block[i, y, x0 + j]
+
+
+@njit(nogil=True, cache=True)
+def _gather(tile, j, buf):  # pragma: no cover - compiled
+    m = 0
+    for i in range(tile.shape[1]):
+        v = tile[j, i]
+        if v == v:  # NaN is missing
+            buf[m] = v
+            m += 1
+    return m
+
+
+@njit(nogil=True, cache=True)
+def sigma_clip(block, sigma_low, sigma_high, center_mean, mad, max_iterations,
+               image, used):  # pragma: no cover - compiled
+    """Iterative sigma clipping of every pixel (see `stacker.kernels.SigmaClip`)."""
+    n, h, w = block.shape
+    buf = np.empty(n, np.float32)
+    work = np.empty(n, np.float32)
+    tile = np.empty((TILE, n), np.float32)
+    for y in range(h):
+        for x0 in range(0, w, TILE):
+            x1 = min(x0 + TILE, w)
+            _load_tile(block, y, x0, x1, tile)
+            for x in range(x0, x1):
+                m = _gather(tile, x - x0, buf)
+                image[y, x], used[y, x] = _clip(buf, m, work, sigma_low, sigma_high,
+                                                center_mean, mad, max_iterations)
+
+
+@njit(nogil=True, cache=True)
+def _mean(buf, lo, hi):  # pragma: no cover - compiled
+    if hi <= lo:
+        return np.nan
+    total = 0.0
+    for i in range(lo, hi):
+        total += buf[i]
+    return total / (hi - lo)
+
+
+@njit(nogil=True, cache=True)
+def _clip(buf, m, work, sigma_low, sigma_high, center_mean, mad,
+          max_iterations):  # pragma: no cover - compiled
+    """Clip buf[:m] in place until converged; returns (mean of the kept values, their count).
+
+    One pass gives the sum and the sum of squares of the values shifted by the median (or
+    the first value), which keeps the variance free of cancellation; one pass counts and one
+    compacts (only when something is rejected, which is rare).
+    """
+    if m == 0:
+        return np.nan, 0
+    iteration = 0
+    while max_iterations < 0 or iteration < max_iterations:
+        iteration += 1
+        median = _median(buf, m, work) if (not center_mean or mad) else np.float64(buf[0])
+        s1 = 0.0
+        s2 = 0.0
+        for i in range(m):
+            d = np.float64(buf[i]) - median
+            s1 += d
+            s2 += d * d
+        mean = median + s1 / m
+        centre = mean if center_mean else median
+        if mad:
+            for i in range(m):
+                work[i] = abs(np.float64(buf[i]) - median)
+            spread = MAD_TO_STD * _median(work, m, work)
+        else:
+            spread = np.sqrt(max(s2 / m - (s1 / m) ** 2, 0.0))
+        lower = centre - sigma_low * spread * (1 + SLACK)
+        upper = centre + sigma_high * spread * (1 + SLACK)
+        keep = 0
+        for i in range(m):
+            v = buf[i]
+            keep += (v >= lower) & (v <= upper)
+        if keep == 0 or keep == m:  # converged, or it would reject everything: keep S
+            break
+        j = 0
+        for i in range(m):
+            v = buf[i]
+            if lower <= v <= upper:
+                buf[j] = v
+                j += 1
+        m = keep
+    return _mean(buf, 0, m), m
+
+
+@njit(nogil=True, cache=True)
+def minmax(block, nlow, nhigh, image, used):  # pragma: no cover - compiled
+    """Drop the nlow lowest and nhigh highest values of every pixel, average the rest."""
+    n, h, w = block.shape
+    buf = np.empty(n, np.float32)
+    tile = np.empty((TILE, n), np.float32)
+    for y in range(h):
+        for x0 in range(0, w, TILE):
+            x1 = min(x0 + TILE, w)
+            _load_tile(block, y, x0, x1, tile)
+            for x in range(x0, x1):
+                m = _gather(tile, x - x0, buf)
+                lo, hi = 0, m
+                if m > nlow + nhigh:
+                    _extremes(buf, m, nlow, nhigh)
+                    lo, hi = nlow, m - nhigh
+                image[y, x] = _mean(buf, lo, hi)
+                used[y, x] = hi - lo
+
+
+@njit(nogil=True, cache=True)
+def _extremes(buf, m, nlow, nhigh):  # pragma: no cover - compiled
+    """Move the nlow smallest values to the front and the nhigh largest to the end.
+
+    A few passes of min/max extraction beat a selection for the usual 1-3 dropped values.
+    """
+    if nlow + nhigh > 6:
+        if nlow > 0:
+            _select(buf, 0, m, nlow - 1)
+        if nhigh > 0:
+            _select(buf, nlow, m, m - nhigh)
+        return
+    for k in range(nlow):
+        best = k
+        for i in range(k + 1, m):
+            if buf[i] < buf[best]:
+                best = i
+        buf[k], buf[best] = buf[best], buf[k]
+    for k in range(nhigh):
+        end = m - 1 - k
+        best = nlow
+        for i in range(nlow + 1, end + 1):
+            if buf[i] > buf[best]:
+                best = i
+        buf[end], buf[best] = buf[best], buf[end]
+
+
+@njit(nogil=True, cache=True)
+def median(block, image, used):  # pragma: no cover - compiled
+    """Median of every pixel's finite values."""
+    n, h, w = block.shape
+    buf = np.empty(n, np.float32)
+    work = np.empty(n, np.float32)
+    tile = np.empty((TILE, n), np.float32)
+    for y in range(h):
+        for x0 in range(0, w, TILE):
+            x1 = min(x0 + TILE, w)
+            _load_tile(block, y, x0, x1, tile)
+            for x in range(x0, x1):
+                m = _gather(tile, x - x0, buf)
+                image[y, x] = _median(buf, m, work) if m > 0 else np.nan
+                used[y, x] = m
