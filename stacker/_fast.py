@@ -228,3 +228,17 @@ def median(block, image, used):  # pragma: no cover - compiled
                 m = _gather(tile, x - x0, buf)
                 image[y, x] = _median(buf, m, work) if m > 0 else np.nan
                 used[y, x] = m
+
+
+@njit(nogil=True, cache=True)
+def uint16_from_fits(raw, out):  # pragma: no cover - compiled
+    """Big-endian int16 + BZERO 32768 (FITS uint16) bytes -> float32, in one pass.
+
+    `raw` is the bytes viewed as native uint16: swapping the bytes and flipping the sign bit
+    gives the unsigned value exactly.
+    """
+    flat_in = raw.ravel()
+    flat_out = out.reshape(flat_in.size)
+    for i in range(flat_in.size):
+        v = flat_in[i]
+        flat_out[i] = np.float32(((v >> 8) | (v << 8)) & 0xFFFF ^ 0x8000)
