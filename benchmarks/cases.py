@@ -39,14 +39,15 @@ def floor(files: list[str], rows: int = 64, **_) -> dict:
     return {}
 
 
-def stacker(files: list[str], out: str, method: str, memory_limit: str, **_) -> dict:
+def stacker(files: list[str], out: str, method: str, memory_limit: str,
+            max_iterations: int | None = None, **_) -> dict:
     """stacker's master dark of `files` (all one exposure) through the public API."""
     from stacker import MasterFrameCreator
 
     folder = Path(files[0]).parent
     settings = {"darks_dir": str(folder), "output_dir": out, "rejection_method": method,
                 "memory_limit": memory_limit, "quality_control": False, "min_frames": 1,
-                "log_level": "WARNING"}
+                "max_iterations": max_iterations, "log_level": "WARNING"}
     status = MasterFrameCreator({"master_frames": settings}).create_master_darks()
     if not status.success:
         raise SystemExit(status.message)
@@ -54,7 +55,8 @@ def stacker(files: list[str], out: str, method: str, memory_limit: str, **_) -> 
 
 
 def ccdproc(files: list[str], out: str, method: str, **_) -> dict:
-    """ccdproc.combine with the closest settings (its clipping is one pass)."""
+    """ccdproc.combine: median-centred, std-spread 3-sigma clip (one pass: ccdproc does not
+    iterate), or min/max dropping one of each."""
     import ccdproc as cp
     from astropy.stats import mad_std  # noqa: F401 - documents the alternative spread
 

@@ -30,7 +30,13 @@ from stacker.combine import (
 )
 from stacker.errors import BuildError, StackerError
 from stacker.frames import Frame, read_frame
-from stacker.io import READ_BYTES_PER_VALUE, MasterWriter, StripReader, image_header_bytes
+from stacker.io import (
+    READ_BYTES_PER_VALUE,
+    MasterWriter,
+    StripReader,
+    image_header_bytes,
+    stats_rows,
+)
 from stacker.io import rows_per_chunk as budget_rows
 from stacker.plan import Job, Plan
 from stacker.qc import sample_frames, verdict
@@ -223,11 +229,12 @@ def build_master(job: Job, settings: Settings, path: Path, calibration: Path | N
                   ny, rows, w)
         combine_into(reader, writer, kernel, rows, prepare=prepare, num_workers=w,
                      callbacks=callbacks)
-        stats = master_statistics(writer, rows * n)
+        back = stats_rows(settings.memory_limit, nx)
+        stats = master_statistics(writer, back)
         cards = _stat_cards(stats, n)
         if job.kind == "flat":
             factor = _norm_factor(stats, settings.normalization_method, job)
-            normalize_in_place(writer, factor, rows * n)
+            normalize_in_place(writer, factor, back)
             stats = stats.scaled(factor)
             cards = {**_stat_cards(stats, n), "NORMFACT": factor}
         writer.set_cards(cards)
@@ -252,7 +259,13 @@ def _calibration_reader(job: Job, calibration: Path | None) -> StripReader | Non
 
 
 def _validate(job: Job, settings: Settings, cal_reader: StripReader | None):
-    """Measure every frame on sampled rows; with quality_control, leave out bad ones."""
+    """Measure every frame on sampled rows; with quality_control, leave out bad ones.
+
+    Flats are always measured (their levels scale them); bias and darks only for quality
+    control, which costs reading ~1 M pixels per frame.
+    """
+    if not settings.quality_control and job.kind != "flat":
+        return job.frames, {}
     ny, nx = job.shape
     rows = sample_rows(ny, nx)
     subtract = cal_reader.read_frame_rows(0, rows) if cal_reader is not None else None
@@ -444,8 +457,10 @@ def assemble(results: list[MasterResult], path: Path) -> Path:
     try:
         with open(temp, "wb") as out:
             out.write(fits.PrimaryHDU(header=primary).header.tostring().encode("ascii"))
+            # A flat names the dark it subtracted by file; in this file that is an HDU.
+            names = {r.path.name: r.job_id.upper() for r in results}
             for r in results:
-                _copy_master(r.path, r.job_id, out)
+                _copy_master(r.path, r.job_id, out, names)
             out.flush()
             os.fsync(out.fileno())
         os.replace(temp, path)
@@ -455,7 +470,7 @@ def assemble(results: list[MasterResult], path: Path) -> Path:
     return path
 
 
-def _copy_master(src: Path, name: str, out) -> None:
+def _copy_master(src: Path, name: str, out, names: dict[str, str]) -> None:
     from astropy.io import fits
 
     with fits.open(src, memmap=False, lazy_load_hdus=True) as hdul, open(src, "rb") as fh:
@@ -463,6 +478,8 @@ def _copy_master(src: Path, name: str, out) -> None:
             hdu = hdul[index]
             header = hdu.header.copy()
             header["EXTNAME"] = extname
+            if header.get("CALSUB") in names:
+                header["CALSUB"] = (names[header["CALSUB"]], "HDU of the subtracted master")
             shape = (header["NAXIS2"], header["NAXIS1"])
             out.write(image_header_bytes(header, shape, bitpix=header["BITPIX"], primary=False))
             info = hdu.fileinfo()

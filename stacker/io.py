@@ -30,9 +30,17 @@ if TYPE_CHECKING:
 
 BLOCK = 2880  # FITS record size
 
-#: Bytes per input value the engine holds besides the kernel's own work: the raw bytes read
-#: (up to 8 for BITPIX=-64, 2 for the usual uint16) and the float32 block the kernel reads.
-READ_BYTES_PER_VALUE = 4 + 2
+#: Bytes per input value the engine holds besides the kernel's own work: the float32 block.
+#: The raw bytes of one file's strip pass through a per-thread staging buffer (1/N of that).
+READ_BYTES_PER_VALUE = 4
+
+#: Transient bytes per master pixel while a finished master is measured (float64 copies).
+STATS_BYTES_PER_PIXEL = 48
+
+
+def stats_rows(memory_limit: int, width: int) -> int:
+    """Rows per strip when a finished master is read back: a quarter of the budget."""
+    return max(1, int(memory_limit // (4 * width * STATS_BYTES_PER_PIXEL)))
 
 
 def plan_strips(ny: int, rows: int) -> list[tuple[int, int]]:

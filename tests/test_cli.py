@@ -77,9 +77,9 @@ def test_darks_only_and_flats_only(tmp_path, raw):
 
 def test_memory_limit_flag(tmp_path, raw):
     cfg = write_config(tmp_path, raw)
-    run = stacker("masters", "-c", str(cfg), "--memory-limit", "2kB")
+    run = stacker("masters", "-c", str(cfg), "--memory-limit", "1kB")
     assert run.returncode == 2
-    assert "cannot hold one row" in run.stderr and "2.00 kB" in run.stderr
+    assert "cannot hold one row" in run.stderr and "1.00 kB" in run.stderr
 
 
 def test_configuration_errors_are_one_line_with_exit_2(tmp_path, raw):

@@ -246,6 +246,7 @@ def test_save_individual_masters_false_writes_one_multi_extension_file(raw, tmp_
                          "FLAT_L_1.000S_NUSED"]
         assert hdul["FLAT_L_1.000S"].data.mean() == pytest.approx(1.0, abs=1e-6)
         assert hdul["DARK_60.000S"].header["IMAGETYP"] == "MASTER DARK"
+        assert hdul["FLAT_L_1.000S"].header["CALSUB"] == "DARK_1.000S"
 
 
 def test_input_dir_sorted_by_imagetyp_gives_the_same_masters(raw, tmp_path, default_run):
@@ -266,7 +267,7 @@ def test_input_dir_sorted_by_imagetyp_gives_the_same_masters(raw, tmp_path, defa
 
 def test_memory_limit_changes_the_strips_not_the_result(raw, tmp_path):
     images, rows = [], []
-    for limit in ("50kB", "1GB"):
+    for limit in ("10kB", "1GB"):
         status = MasterFrameCreator(config(raw, tmp_path / limit, memory_limit=limit,
                                            num_workers=1)).create_master_bias()
         m = built(status)["bias"]
