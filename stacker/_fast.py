@@ -104,9 +104,8 @@ def sigma_clip(block, sigma_low, sigma_high, center_mean, mad, max_iterations,
             x1 = min(x0 + TILE, w)
             _load_tile(block, y, x0, x1, tile)
             for x in range(x0, x1):
-                m = _gather(tile, x - x0, buf)
-                image[y, x], used[y, x] = _clip(buf, m, work, sigma_low, sigma_high,
-                                                center_mean, mad, max_iterations)
+                image[y, x], used[y, x] = _clip(tile, x - x0, buf, work, sigma_low,
+                                                sigma_high, center_mean, mad, max_iterations)
 
 
 @njit(nogil=True, cache=True)
@@ -120,27 +119,40 @@ def _mean(buf, lo, hi):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
-def _clip(buf, m, work, sigma_low, sigma_high, center_mean, mad,
+def _clip(tile, j, buf, work, sigma_low, sigma_high, center_mean, mad,
           max_iterations):  # pragma: no cover - compiled
-    """Clip buf[:m] in place until converged; returns (mean of the kept values, their count).
+    """Clip one pixel's values until converged; returns (mean of the kept values, count).
 
-    One pass gives the sum and the sum of squares of the values shifted by the median (or
-    the first value), which keeps the variance free of cancellation; one pass counts and one
-    compacts (only when something is rejected, which is rare).
+    The pass that gathers the values also sums them and their squares (shifted by the first
+    value, so the variance has no cancellation) and finds their extremes: when the extremes
+    lie within the bounds, which is the common case, nothing more is read. Only a pixel that
+    loses values is compacted, and that pass measures the survivors for the next round.
     """
+    m = 0
+    shift = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    vmin = np.inf
+    vmax = -np.inf
+    for i in range(tile.shape[1]):
+        v = tile[j, i]
+        if v == v:  # NaN is missing
+            if m == 0:
+                shift = np.float64(v)
+            buf[m] = v
+            m += 1
+            d = np.float64(v) - shift
+            s1 += d
+            s2 += d * d
+            vmin = min(vmin, v)
+            vmax = max(vmax, v)
     if m == 0:
         return np.nan, 0
     iteration = 0
     while max_iterations < 0 or iteration < max_iterations:
         iteration += 1
-        median = _median(buf, m, work) if (not center_mean or mad) else np.float64(buf[0])
-        s1 = 0.0
-        s2 = 0.0
-        for i in range(m):
-            d = np.float64(buf[i]) - median
-            s1 += d
-            s2 += d * d
-        mean = median + s1 / m
+        mean = shift + s1 / m
+        median = _median(buf, m, work) if (not center_mean or mad) else mean
         centre = mean if center_mean else median
         if mad:
             for i in range(m):
@@ -150,20 +162,27 @@ def _clip(buf, m, work, sigma_low, sigma_high, center_mean, mad,
             spread = np.sqrt(max(s2 / m - (s1 / m) ** 2, 0.0))
         lower = centre - sigma_low * spread * (1 + SLACK)
         upper = centre + sigma_high * spread * (1 + SLACK)
+        if vmin >= lower and vmax <= upper:
+            break  # converged: nothing to reject
         keep = 0
-        for i in range(m):
-            v = buf[i]
-            keep += (v >= lower) & (v <= upper)
-        if keep == 0 or keep == m:  # converged, or it would reject everything: keep S
-            break
-        j = 0
+        t1 = 0.0
+        t2 = 0.0
+        tmin = np.inf
+        tmax = -np.inf
         for i in range(m):
             v = buf[i]
             if lower <= v <= upper:
-                buf[j] = v
-                j += 1
-        m = keep
-    return _mean(buf, 0, m), m
+                buf[keep] = v
+                keep += 1
+                d = np.float64(v) - shift
+                t1 += d
+                t2 += d * d
+                tmin = min(tmin, v)
+                tmax = max(tmax, v)
+        if keep == 0:  # it would reject everything: keep S (buf is untouched when keep == 0)
+            break
+        m, s1, s2, vmin, vmax = keep, t1, t2, tmin, tmax
+    return shift + s1 / m, m
 
 
 @njit(nogil=True, cache=True)
@@ -177,6 +196,9 @@ def minmax(block, nlow, nhigh, image, used):  # pragma: no cover - compiled
             x1 = min(x0 + TILE, w)
             _load_tile(block, y, x0, x1, tile)
             for x in range(x0, x1):
+                if nlow <= 1 and nhigh <= 1:
+                    image[y, x], used[y, x] = _drop_one(tile, x - x0, nlow, nhigh)
+                    continue
                 m = _gather(tile, x - x0, buf)
                 lo, hi = 0, m
                 if m > nlow + nhigh:
@@ -184,6 +206,49 @@ def minmax(block, nlow, nhigh, image, used):  # pragma: no cover - compiled
                     lo, hi = nlow, m - nhigh
                 image[y, x] = _mean(buf, lo, hi)
                 used[y, x] = hi - lo
+
+
+@njit(nogil=True, cache=True)
+def _drop_one(tile, j, nlow, nhigh):  # pragma: no cover - compiled
+    """The usual min/max rejection (at most one value each side) without a selection.
+
+    One vectorizable pass sums the values and finds the extremes; subtracting the extremes
+    from the float64 total is exact to far below float32 resolution while every value is
+    below 1e7 in magnitude (camera data always is). Beyond that a second pass sums the
+    others, so that the small values next to a huge outlier are not lost.
+    """
+    m = 0
+    total = 0.0
+    vmin = np.inf
+    vmax = -np.inf
+    for i in range(tile.shape[1]):
+        v = tile[j, i]
+        if v == v:
+            m += 1
+            total += v
+            vmin = min(vmin, v)
+            vmax = max(vmax, v)
+    if m == 0:
+        return np.nan, 0
+    if m <= nlow + nhigh:
+        return total / m, m
+    kept = m - nlow - nhigh
+    if max(abs(vmin), abs(vmax)) <= 1e7:
+        return (total - nlow * np.float64(vmin) - nhigh * np.float64(vmax)) / kept, kept
+    skip_low = -1
+    skip_high = -1
+    total = 0.0
+    for i in range(tile.shape[1]):
+        v = tile[j, i]
+        if v != v:
+            continue
+        if nlow == 1 and skip_low < 0 and v == vmin:
+            skip_low = i
+        elif nhigh == 1 and skip_high < 0 and v == vmax:
+            skip_high = i
+        else:
+            total += v
+    return total / kept, kept
 
 
 @njit(nogil=True, cache=True)

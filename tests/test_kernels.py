@@ -88,6 +88,8 @@ def test_sigma_clip_matches_reference(block, options):
 @settings(max_examples=200, deadline=None)
 @given(st.one_of(blocks, integer_blocks), st.integers(0, 3), st.integers(0, 3))
 @example(constant(2), 1, 1)
+@example(np.array([[[1e30]], [[5.0]], [[-1e30]], [[7.0]]], np.float32), 1, 1)  # exactness
+@example(np.array([[[1e30]], [[1e30]], [[2.0]], [[1.0]]], np.float32), 0, 1)
 @example(constant(1), 1, 1)
 @example(nan_column(), 2, 0)
 def test_minmax_matches_reference(block, nlow, nhigh):
