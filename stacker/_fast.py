@@ -196,9 +196,6 @@ def minmax(block, nlow, nhigh, image, used):  # pragma: no cover - compiled
             x1 = min(x0 + TILE, w)
             _load_tile(block, y, x0, x1, tile)
             for x in range(x0, x1):
-                if nlow <= 1 and nhigh <= 1:
-                    image[y, x], used[y, x] = _drop_one(tile, x - x0, nlow, nhigh)
-                    continue
                 m = _gather(tile, x - x0, buf)
                 lo, hi = 0, m
                 if m > nlow + nhigh:
@@ -206,49 +203,6 @@ def minmax(block, nlow, nhigh, image, used):  # pragma: no cover - compiled
                     lo, hi = nlow, m - nhigh
                 image[y, x] = _mean(buf, lo, hi)
                 used[y, x] = hi - lo
-
-
-@njit(nogil=True, cache=True)
-def _drop_one(tile, j, nlow, nhigh):  # pragma: no cover - compiled
-    """The usual min/max rejection (at most one value each side) without a selection.
-
-    One vectorizable pass sums the values and finds the extremes; subtracting the extremes
-    from the float64 total is exact to far below float32 resolution while every value is
-    below 1e7 in magnitude (camera data always is). Beyond that a second pass sums the
-    others, so that the small values next to a huge outlier are not lost.
-    """
-    m = 0
-    total = 0.0
-    vmin = np.inf
-    vmax = -np.inf
-    for i in range(tile.shape[1]):
-        v = tile[j, i]
-        if v == v:
-            m += 1
-            total += v
-            vmin = min(vmin, v)
-            vmax = max(vmax, v)
-    if m == 0:
-        return np.nan, 0
-    if m <= nlow + nhigh:
-        return total / m, m
-    kept = m - nlow - nhigh
-    if max(abs(vmin), abs(vmax)) <= 1e7:
-        return (total - nlow * np.float64(vmin) - nhigh * np.float64(vmax)) / kept, kept
-    skip_low = -1
-    skip_high = -1
-    total = 0.0
-    for i in range(tile.shape[1]):
-        v = tile[j, i]
-        if v != v:
-            continue
-        if nlow == 1 and skip_low < 0 and v == vmin:
-            skip_low = i
-        elif nhigh == 1 and skip_high < 0 and v == vmax:
-            skip_high = i
-        else:
-            total += v
-    return total / kept, kept
 
 
 @njit(nogil=True, cache=True)
@@ -307,3 +261,48 @@ def uint16_from_fits(raw, out):  # pragma: no cover - compiled
     for i in range(flat_in.size):
         v = flat_in[i]
         flat_out[i] = np.float32(((v >> 8) | (v << 8)) & 0xFFFF ^ 0x8000)
+
+
+@njit(nogil=True, cache=True)
+def mean_rows(block, nlow, nhigh, image, used):  # pragma: no cover - compiled
+    """Mean of every pixel, dropping at most one lowest and one highest value (nlow, nhigh
+    in {0, 1}), accumulated frame row by frame row so that the loops vectorize.
+
+    Subtracting the extremes from the float64 total is exact to far below float32
+    resolution while the values stay below 1e7 in magnitude; a pixel beyond that (never
+    camera data) is marked used = 65535 for the caller to redo with the exact loop.
+    """
+    n, h, w = block.shape
+    total = np.empty(w, np.float64)
+    count = np.empty(w, np.int64)
+    vmin = np.empty(w, np.float32)
+    vmax = np.empty(w, np.float32)
+    for y in range(h):
+        total[:] = 0.0
+        count[:] = 0
+        vmin[:] = np.inf
+        vmax[:] = -np.inf
+        for i in range(n):
+            row = block[i, y]
+            for x in range(w):
+                v = row[x]
+                ok = v == v
+                total[x] += v if ok else 0.0
+                count[x] += ok
+                vmin[x] = min(vmin[x], v) if ok else vmin[x]
+                vmax[x] = max(vmax[x], v) if ok else vmax[x]
+        for x in range(w):
+            m = count[x]
+            if m == 0:
+                image[y, x] = np.nan
+                used[y, x] = 0
+            elif m <= nlow + nhigh:
+                image[y, x] = total[x] / m
+                used[y, x] = m
+            elif nlow + nhigh > 0 and max(abs(vmin[x]), abs(vmax[x])) > 1e7:
+                used[y, x] = 65535  # sentinel: redo exactly
+            else:
+                kept = m - nlow - nhigh
+                image[y, x] = (total[x] - nlow * np.float64(vmin[x])
+                               - nhigh * np.float64(vmax[x])) / kept
+                used[y, x] = kept

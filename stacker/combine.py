@@ -163,18 +163,22 @@ def master_statistics(writer: MasterWriter, rows: int) -> MasterStats:
 
 def _exact_median(writer: MasterWriter, strips, lo: float, hi: float, n: int) -> float:
     """Median of the finite image values by narrowing a histogram until a bin is small."""
-    ranks = [(n - 1) // 2, n // 2]
-    values = [_kth(writer, strips, lo, hi, k) for k in sorted(set(ranks))]
-    return float(np.mean([values[0], values[-1]]))
+    k1, k2 = (n - 1) // 2, n // 2
+    a, b = _kth(writer, strips, lo, hi, k1, k2)
+    if b is None:  # the two middle values fell in different bins (rare): find the upper one
+        b, _ = _kth(writer, strips, lo, hi, k2, k2)
+    return float((a + b) / 2)
 
 
-def _kth(writer: MasterWriter, strips, lo: float, hi: float, k: int) -> float:
-    """The k-th smallest finite value (0-based) of the image, all of which lie in [lo, hi]."""
+def _kth(writer: MasterWriter, strips, lo: float, hi: float, k: int,
+         k2: int) -> tuple[float, float | None]:
+    """The k-th (and, if in the same final bin, the k2-th) smallest finite value (0-based)
+    of the image, all of whose finite values lie in [lo, hi]."""
     below = 0  # values known to rank before the current range
     last = True  # whether the current range includes `hi` (only the top bin does)
     for _ in range(64):  # each pass narrows the range 4096-fold; float64 runs out first
         if lo >= hi:
-            return float(lo)
+            return float(lo), float(lo)
         edges = np.linspace(lo, hi, 4097)
         counts = np.zeros(4096, dtype=np.int64)
         for y0, y1 in strips:
@@ -188,7 +192,10 @@ def _kth(writer: MasterWriter, strips, lo: float, hi: float, k: int) -> float:
         if counts[b] <= 2_000_000:
             values = np.concatenate([_in_range(writer.read_image(y0, y1), lo, hi, last)
                                      for y0, y1 in strips])
-            return float(np.partition(values, k - below)[k - below])
+            if k2 - below < values.size:
+                part = np.partition(values, [k - below, k2 - below])
+                return float(part[k - below]), float(part[k2 - below])
+            return float(np.partition(values, k - below)[k - below]), None
     raise RuntimeError("median did not converge")  # pragma: no cover
 
 
