@@ -119,27 +119,68 @@ def _mean(buf, lo, hi):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
+def _bracket_median(src, m, centre, sd, work):  # pragma: no cover - compiled
+    """Median of the m finite values of `src`, usually in one pass.
+
+    The median lies within a few standard errors (1.25 sd / sqrt(m)) of the mean for
+    well-behaved data: one branch-free pass counts the values below a bracket around the
+    mean and collects those inside it; when the middle ranks fall inside the bracket only
+    those few values need a selection. Otherwise (outliers moved the mean) a quickselect
+    over all values decides.
+    """
+    k1 = (m - 1) // 2
+    k2 = m // 2
+    half = 3.0 * 1.2533 * sd / np.sqrt(m)
+    p1 = centre - half
+    p2 = centre + half
+    low = 0
+    c = 0
+    for i in range(src.size):
+        v = src[i]
+        if v == v:
+            low += v < p1
+            work[c] = v
+            c += (v >= p1) & (v <= p2)
+    if half > 0 and low <= k1 and k2 < low + c:
+        a = _select(work, 0, c, k1 - low)
+        if k1 == k2:
+            return np.float64(a)
+        b = work[k1 - low + 1]
+        for i in range(k1 - low + 2, c):
+            b = min(b, work[i])
+        return 0.5 * (np.float64(a) + np.float64(b))
+    c = 0
+    for i in range(src.size):
+        v = src[i]
+        if v == v:
+            work[c] = v
+            c += 1
+    return _median(work, c, work)
+
+
+@njit(nogil=True, cache=True)
 def _clip(tile, j, buf, work, sigma_low, sigma_high, center_mean, mad,
           max_iterations):  # pragma: no cover - compiled
     """Clip one pixel's values until converged; returns (mean of the kept values, count).
 
-    The pass that gathers the values also sums them and their squares (shifted by the first
-    value, so the variance has no cancellation) and finds their extremes: when the extremes
-    lie within the bounds, which is the common case, nothing more is read. Only a pixel that
-    loses values is compacted, and that pass measures the survivors for the next round.
+    One pass over the pixel's tile row sums the values and their squares (shifted by the
+    first value, so the variance has no cancellation) and finds their extremes; the median
+    comes from `_bracket_median`. When the extremes lie within the bounds, which is the
+    common case, nothing more is done. Only a pixel that loses values is copied out and
+    compacted, and that pass measures the survivors for the next round.
     """
+    src = tile[j]
     m = 0
     shift = 0.0
     s1 = 0.0
     s2 = 0.0
     vmin = np.inf
     vmax = -np.inf
-    for i in range(tile.shape[1]):
-        v = tile[j, i]
+    for i in range(src.size):
+        v = src[i]
         if v == v:  # NaN is missing
             if m == 0:
                 shift = np.float64(v)
-            buf[m] = v
             m += 1
             d = np.float64(v) - shift
             s1 += d
@@ -148,18 +189,25 @@ def _clip(tile, j, buf, work, sigma_low, sigma_high, center_mean, mad,
             vmax = max(vmax, v)
     if m == 0:
         return np.nan, 0
+    values = src  # the tile row until something is rejected, then buf[:m]
     iteration = 0
     while max_iterations < 0 or iteration < max_iterations:
         iteration += 1
         mean = shift + s1 / m
-        median = _median(buf, m, work) if (not center_mean or mad) else mean
+        std = np.sqrt(max(s2 / m - (s1 / m) ** 2, 0.0))
+        median = mean
+        if not center_mean or mad:
+            median = _bracket_median(values, m, mean, std, work)
         centre = mean if center_mean else median
+        spread = std
         if mad:
-            for i in range(m):
-                work[i] = abs(np.float64(buf[i]) - median)
+            c = 0
+            for i in range(values.size):
+                v = values[i]
+                if v == v:
+                    work[c] = abs(np.float64(v) - median)
+                    c += 1
             spread = MAD_TO_STD * _median(work, m, work)
-        else:
-            spread = np.sqrt(max(s2 / m - (s1 / m) ** 2, 0.0))
         lower = centre - sigma_low * spread * (1 + SLACK)
         upper = centre + sigma_high * spread * (1 + SLACK)
         if vmin >= lower and vmax <= upper:
@@ -169,9 +217,9 @@ def _clip(tile, j, buf, work, sigma_low, sigma_high, center_mean, mad,
         t2 = 0.0
         tmin = np.inf
         tmax = -np.inf
-        for i in range(m):
-            v = buf[i]
-            if lower <= v <= upper:
+        for i in range(values.size):
+            v = values[i]
+            if lower <= v <= upper:  # False for NaN
                 buf[keep] = v
                 keep += 1
                 d = np.float64(v) - shift
@@ -179,9 +227,10 @@ def _clip(tile, j, buf, work, sigma_low, sigma_high, center_mean, mad,
                 t2 += d * d
                 tmin = min(tmin, v)
                 tmax = max(tmax, v)
-        if keep == 0:  # it would reject everything: keep S (buf is untouched when keep == 0)
+        if keep == 0:  # it would reject everything: keep S (values is untouched)
             break
         m, s1, s2, vmin, vmax = keep, t1, t2, tmin, tmax
+        values = buf[:m]
     return shift + s1 / m, m
 
 
