@@ -116,15 +116,17 @@ def test_plan_strips_covers_every_row_once_with_a_short_last_strip():
 
 def test_rows_per_chunk_is_the_documented_formula():
     # floor(limit / (workers * n * width * bytes_per_value))
-    assert rows_per_chunk(2_000_000_000, 200, 9576, 2, 30) == 17
-    assert rows_per_chunk(10**9, 1, 100, 1, 10) == 10**6
+    assert rows_per_chunk(2_000_000_000, 200, 9576, 2, 30, strip_cap=None) == 17
+    assert rows_per_chunk(10**9, 1, 100, 1, 10, strip_cap=None) == 10**6
+    # a strip never holds more than the cap, whatever the budget
+    assert rows_per_chunk(10**12, 50, 4096, 2, 4) == (256 * 2**20) // (50 * 4096 * 4)
     # with a height, every worker gets at least four strips when the budget allows
     assert rows_per_chunk(10**9, 1, 100, 2, 10, height=800) == 100
 
 
 def test_rows_per_chunk_does_not_depend_on_frame_height_for_peak_memory():
-    small = rows_per_chunk(512 * 2**20, 50, 4096, 2, 30)
-    large = rows_per_chunk(512 * 2**20, 200, 4096, 2, 30)
+    small = rows_per_chunk(512 * 2**20, 50, 4096, 2, 30, strip_cap=None)
+    large = rows_per_chunk(512 * 2**20, 200, 4096, 2, 30, strip_cap=None)
     # 4x the frames -> 4x fewer rows: the bytes held per strip stay the same
     assert abs(small * 50 - large * 200) <= 200
 
@@ -193,7 +195,7 @@ def test_rows_per_chunk_is_the_largest_strip_within_budget(limit, n, width, work
         return workers * r * n * width * bpv
 
     try:
-        rows = rows_per_chunk(limit, n, width, workers, bpv)
+        rows = rows_per_chunk(limit, n, width, workers, bpv, strip_cap=None)
     except MemoryBudgetError:
         assert cost(1) > limit
         return
