@@ -77,7 +77,9 @@ class _Forward(logging.Handler):
         self.target = target
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.target.handle(record)
+        # The file log takes DEBUG; the caller's logger keeps its own level.
+        if record.levelno >= self.target.getEffectiveLevel():
+            self.target.handle(record)
 
 
 class MasterFrameCreator:
@@ -272,8 +274,14 @@ class _RunLogging:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.setLevel(logging.DEBUG)
         self.handlers.append(handler)
-        if self.logger is not None and self.logger is not log:
-            self.handlers.append(_Forward(self.logger))
+        # Records reach the caller's logger (or the root logger, where they would have
+        # propagated) at that logger's level, not at the DEBUG the file log needs.
+        self.old_propagate = log.propagate
+        target = self.logger if self.logger is not None else (
+            logging.getLogger() if log.propagate else None)
+        if target is not None and target is not log:
+            self.handlers.append(_Forward(target))
+        log.propagate = False
         for h in self.handlers:
             log.addHandler(h)
         self.old_level = log.level
@@ -286,3 +294,4 @@ class _RunLogging:
             log.removeHandler(h)
             h.close()
         log.setLevel(self.old_level)
+        log.propagate = self.old_propagate

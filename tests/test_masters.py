@@ -389,3 +389,29 @@ def test_num_workers_does_not_change_the_result(raw, tmp_path):
                                            memory_limit="300kB")).create_master_bias()
         images.append(data(built(status)["bias"]["path"]))
     np.testing.assert_array_equal(images[0], images[1])
+
+
+def test_a_given_logger_gets_records_at_its_own_level(raw, tmp_path):
+    import logging
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    mine = logging.getLogger("observatory")
+    mine.setLevel(logging.INFO)
+    mine.propagate = False
+    collect = Collect()
+    mine.addHandler(collect)
+    try:
+        MasterFrameCreator(config(raw, tmp_path), logger=mine).create_master_bias()
+    finally:
+        mine.removeHandler(collect)
+    levels = {r.levelname for r in collect.records}
+    assert "INFO" in levels and "DEBUG" not in levels
+    log = next((tmp_path / "out").glob("master_frames_*.log")).read_text()
+    assert "DEBUG" in log  # the file log keeps the details
