@@ -365,3 +365,64 @@ def mean_rows(block, nlow, nhigh, image, used):  # pragma: no cover - compiled
                 image[y, x] = (total[x] - nlow * np.float64(vmin[x])
                                - nhigh * np.float64(vmax[x])) / kept
                 used[y, x] = kept
+
+
+# --------------------------------------------------------------------------------------------
+# statistics of a finished master (read back strip by strip)
+
+
+@njit(nogil=True, cache=True)
+def moments(values):  # pragma: no cover - compiled
+    """(count, sum, sum of squares, min, max) of the finite values, in float64."""
+    count = 0
+    s1 = 0.0
+    s2 = 0.0
+    lo = np.inf
+    hi = -np.inf
+    for v in values.ravel():
+        if np.isfinite(v):
+            x = np.float64(v)
+            count += 1
+            s1 += x
+            s2 += x * x
+            lo = min(lo, x)
+            hi = max(hi, x)
+    return count, s1, s2, lo, hi
+
+
+@njit(nogil=True, cache=True)
+def _bin(x, edges, inclusive):  # pragma: no cover - compiled
+    """Bin of x among uniform `edges` ([e_b, e_b+1), the last bin closed when `inclusive`),
+    or -1 outside. Estimated by arithmetic, then settled against the edges themselves so
+    that histogram and collection agree to the last bit."""
+    nb = edges.size - 1
+    lo = edges[0]
+    hi = edges[nb]
+    if not (x >= lo) or x > hi or (x == hi and not inclusive):
+        return -1
+    b = min(int((x - lo) / (hi - lo) * nb), nb - 1)
+    while b < nb - 1 and x >= edges[b + 1]:
+        b += 1
+    while b > 0 and x < edges[b]:
+        b -= 1
+    return b
+
+
+@njit(nogil=True, cache=True)
+def histogram(values, edges, inclusive, counts):  # pragma: no cover - compiled
+    """Add the finite values' bin counts to `counts`."""
+    for v in values.ravel():
+        b = _bin(np.float64(v), edges, inclusive)
+        if b >= 0:
+            counts[b] += 1
+
+
+@njit(nogil=True, cache=True)
+def collect(values, lo, hi, inclusive, out, pos):  # pragma: no cover - compiled
+    """Append the values in [lo, hi) (or [lo, hi]) to out[pos:]; returns the new end."""
+    for v in values.ravel():
+        x = np.float64(v)
+        if x >= lo and (x < hi or (inclusive and x == hi)):
+            out[pos] = x
+            pos += 1
+    return pos

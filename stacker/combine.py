@@ -134,23 +134,21 @@ def master_statistics(writer: MasterWriter, rows: int) -> MasterStats:
     The master is N times smaller than its inputs, so this pass is cheap; the median is
     exact (histogram refinement, `_exact_median`) without holding the image in memory.
     """
+    from stacker import _fast
+
     ny, _ = writer.shape
     strips = plan_strips(ny, rows)
     total = s1 = s2 = 0.0
-    lo, hi, n_nan = np.inf, -np.inf, 0
+    lo, hi = np.inf, -np.inf
     used_sum, used_lo, used_hi = 0.0, np.iinfo(np.int32).max, 0
     for y0, y1 in strips:
-        image = writer.read_image(y0, y1).astype(np.float64)
-        finite = image[np.isfinite(image)]
-        n_nan += image.size - finite.size
-        if finite.size:
-            total += finite.size
-            s1 += finite.sum()
-            s2 += np.square(finite).sum()
-            lo, hi = min(lo, finite.min()), max(hi, finite.max())
+        count, a1, a2, a_lo, a_hi = _fast.moments(writer.read_image(y0, y1))
+        total, s1, s2 = total + count, s1 + a1, s2 + a2
+        lo, hi = min(lo, a_lo), max(hi, a_hi)
         used = writer.read_count(y0, y1)
         used_sum += used.sum()
         used_lo, used_hi = min(used_lo, int(used.min())), max(used_hi, int(used.max()))
+    n_nan = ny * writer.shape[1] - int(total)
     if total == 0:
         nan = float("nan")
         return MasterStats(nan, nan, nan, nan, nan, n_nan, 0.0, used_lo, used_hi)
@@ -174,6 +172,8 @@ def _kth(writer: MasterWriter, strips, lo: float, hi: float, k: int,
          k2: int) -> tuple[float, float | None]:
     """The k-th (and, if in the same final bin, the k2-th) smallest finite value (0-based)
     of the image, all of whose finite values lie in [lo, hi]."""
+    from stacker import _fast
+
     below = 0  # values known to rank before the current range
     last = True  # whether the current range includes `hi` (only the top bin does)
     for _ in range(64):  # each pass narrows the range 4096-fold; float64 runs out first
@@ -182,27 +182,22 @@ def _kth(writer: MasterWriter, strips, lo: float, hi: float, k: int,
         edges = np.linspace(lo, hi, 4097)
         counts = np.zeros(4096, dtype=np.int64)
         for y0, y1 in strips:
-            counts += np.histogram(_in_range(writer.read_image(y0, y1), lo, hi, last),
-                                   bins=edges)[0]
+            _fast.histogram(writer.read_image(y0, y1), edges, last, counts)
         cum = np.cumsum(counts)
         b = int(np.searchsorted(cum, k - below, side="right"))
         below += int(cum[b - 1]) if b > 0 else 0
         last = last and b == 4095
         lo, hi = edges[b], edges[b + 1]
         if counts[b] <= 2_000_000:
-            values = np.concatenate([_in_range(writer.read_image(y0, y1), lo, hi, last)
-                                     for y0, y1 in strips])
+            values = np.empty(int(counts[b]), np.float64)
+            end = 0
+            for y0, y1 in strips:
+                end = _fast.collect(writer.read_image(y0, y1), lo, hi, last, values, end)
             if k2 - below < values.size:
                 part = np.partition(values, [k - below, k2 - below])
                 return float(part[k - below]), float(part[k2 - below])
             return float(np.partition(values, k - below)[k - below]), None
     raise RuntimeError("median did not converge")  # pragma: no cover
-
-
-def _in_range(image: np.ndarray, lo: float, hi: float, inclusive: bool) -> np.ndarray:
-    image = image.astype(np.float64)
-    upper = image <= hi if inclusive else image < hi
-    return image[np.isfinite(image) & (image >= lo) & upper]
 
 
 def normalize_in_place(writer: MasterWriter, factor: float, rows: int) -> None:
