@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limits", default="512MB,2GB", help="stacker memory_limit values")
     p.add_argument("--ccdproc-frames", default="50",
                    help="frame counts at which ccdproc runs ('' to skip; it is slow)")
+    p.add_argument("--flat-frames", default="50",
+                   help="frame counts for the flat case ('' to skip)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="cache of simulated sets")
     p.add_argument("--json", type=Path, help="also write all measurements here")
     return p.parse_args(argv)
@@ -56,6 +58,19 @@ def ensure_data(data: Path, width: int, height: int, n: int) -> list[Path]:
         for path in have[:n]:
             (subset / path.name).symlink_to(path)
     return sorted(subset.glob("*.fits"))
+
+
+def ensure_flats(data: Path, width: int, height: int, n: int) -> tuple[list[Path], Path]:
+    """Simulated flats (filter L, 1 s) and 10 darks of their exposure."""
+    folder = data / f"{width}x{height}_flats_n{n}"
+    flats = sorted((folder / "flats").rglob("*.fits")) if folder.exists() else []
+    if len(flats) < n:
+        print(f"simulating {n} flats of {width}x{height} in {folder} ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "stacker", "simulate", str(folder), "--width",
+                        str(width), "--height", str(height), "--n-bias", "0", "--n-darks",
+                        "10", "--exposures", "1", "--n-flats", str(n)], check=True)
+        flats = sorted((folder / "flats").rglob("*.fits"))
+    return flats, folder / "darks"
 
 
 def run_case(case: str, files: list[Path], out: Path, **kw) -> dict:
@@ -111,6 +126,14 @@ def main(argv=None) -> None:
                 results.append({**row, "case": "ccdproc", "method": method,
                                 **run_case("ccdproc", files, work / f"c{n}{method}",
                                            method=method)})
+    for n in [int(v) for v in args.flat_frames.split(",") if v]:
+        files, darks = ensure_flats(args.data, width, height, n)
+        out = work / f"flats{n}"
+        run_case("build_dark", files, out, darks=str(darks))
+        row = {"n": n, "input_bytes": sum(f.stat().st_size for f in files)}
+        results.append({**row, "case": "stacker flats", "method": "sigma_clip",
+                        **run_case("flats", files, out, method="sigma_clip",
+                                   memory_limit=limits[-1], darks=str(darks))})
     print(report(results, limits))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
@@ -145,6 +168,12 @@ def report(results: list[dict], limits: list[str]) -> str:
                              f"{r['seconds'] / ours['seconds']:.1f}x time, "
                              f"{r['peak_bytes'] / ours['peak_bytes']:.1f}x peak memory; "
                              f"{compare(r['output'], ours['output'])}")
+    for r in results:
+        if r["case"] == "stacker flats" and "seconds" in r:
+            dark = _find(results, r["n"], f"stacker {limits[-1]}", "sigma_clip")
+            if dark:
+                lines.append(f"- flats / darks (sigma_clip, N={r['n']}, {limits[-1]}): "
+                             f"{r['seconds'] / dark['seconds']:.2f}")
     if len(ns) > 1:
         for limit in limits:
             for method in sorted({r["method"] for r in results if r["case"] != "floor"}):

@@ -54,6 +54,35 @@ def stacker(files: list[str], out: str, method: str, memory_limit: str,
     return {"output": status.data[0]}
 
 
+def flats(files: list[str], out: str, method: str, memory_limit: str, darks: str, **_) -> dict:
+    """stacker's master flat of `files`: dark subtraction, per-frame scaling, rejection,
+    normalization. The master dark is built first, untimed, into the same output folder."""
+    from stacker import MasterFrameCreator
+
+    settings = {"darks_dir": darks, "flats_dir": str(Path(files[0]).parent),
+                "output_dir": out, "rejection_method": method, "memory_limit": memory_limit,
+                "quality_control": False, "min_frames": 1, "log_level": "WARNING"}
+    creator = MasterFrameCreator({"master_frames": settings})
+    if not list(Path(out).glob("master_dark_*.fits")):
+        raise SystemExit("run the flats case after its dark: build_dark first")
+    status = creator.create_master_flats()
+    if not status.success:
+        raise SystemExit(status.message)
+    return {"output": status.data[0]}
+
+
+def build_dark(files: list[str], out: str, darks: str, **_) -> dict:
+    """Setup for `flats`: the master dark it subtracts (not a measured case)."""
+    from stacker import MasterFrameCreator
+
+    settings = {"darks_dir": darks, "output_dir": out, "min_frames": 1,
+                "log_level": "WARNING"}
+    status = MasterFrameCreator({"master_frames": settings}).create_master_darks()
+    if not status.success:
+        raise SystemExit(status.message)
+    return {}
+
+
 def ccdproc(files: list[str], out: str, method: str, **_) -> dict:
     """ccdproc.combine: median-centred, std-spread 3-sigma clip (one pass: ccdproc does not
     iterate), or min/max dropping one of each."""
@@ -73,7 +102,8 @@ def ccdproc(files: list[str], out: str, method: str, **_) -> dict:
     return {"output": str(path)}
 
 
-CASES = {"floor": floor, "stacker": stacker, "ccdproc": ccdproc}
+CASES = {"floor": floor, "stacker": stacker, "ccdproc": ccdproc, "flats": flats,
+         "build_dark": build_dark}
 
 
 def main() -> None:
