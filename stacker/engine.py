@@ -84,13 +84,8 @@ class MasterResult:
         return out
 
 
-def workers(settings: Settings) -> int:
-    """Parallel strips: `num_workers`, or one per core."""
-    return settings.num_workers or os.cpu_count() or 1
-
-
-def run_plan(plan: Plan, settings: Settings, *, progress: ProgressFn | None = None,
-             only: set[str] | None = None) -> list[MasterResult]:
+def run_plan(plan: Plan, settings: Settings, *,
+             progress: ProgressFn | None = None) -> list[MasterResult]:
     """Build every buildable job of `plan` in dependency order.
 
     Parameters
@@ -101,8 +96,6 @@ def run_plan(plan: Plan, settings: Settings, *, progress: ProgressFn | None = No
         Output folder, rejection, normalization, memory budget, workers.
     progress : callable, optional
         ``progress(job_id, done, total)`` as strips finish.
-    only : set of str, optional
-        Job ids to run (others are left out of the results).
     """
     check_budget(plan, settings)
     out_dir = Path(settings.output_dir)
@@ -111,8 +104,6 @@ def run_plan(plan: Plan, settings: Settings, *, progress: ProgressFn | None = No
     built: dict[str, Path] = {}
     results: list[MasterResult] = []
     for job in plan.jobs:
-        if only is not None and job.id not in only:
-            continue
         if job.refused is not None:
             log.warning("%s not built: %s", job.id, job.refused)
             results.append(_result(job, "refused", error=job.refused))
@@ -129,8 +120,9 @@ def strip_rows(job: Job, settings: Settings, n_frames: int | None = None) -> int
 
     kernel = make_kernel(settings.rejection_method, **settings.kernel_options())
     ny, nx = job.shape
-    return budget_rows(settings.memory_limit, n_frames or len(job.frames), nx, workers(settings),
-                       READ_BYTES_PER_VALUE + kernel.bytes_per_value, height=ny, what=job.id)
+    return budget_rows(settings.memory_limit, n_frames or len(job.frames), nx,
+                       settings.resolved_num_workers, READ_BYTES_PER_VALUE + kernel.bytes_per_value,
+                       height=ny, what=job.id)
 
 
 def check_budget(plan: Plan, settings: Settings) -> None:
@@ -174,6 +166,12 @@ def _run_job(job: Job, settings: Settings, work_dir: Path, built: dict[str, Path
         log.error("%s failed: %s", job.id, exc)
         return _result(job, "failed", error=f"I/O error: {exc}",
                        seconds=time.perf_counter() - start)
+    except Exception as exc:  # a bug or an input we did not foresee: fail this master only
+        log.debug("%s: traceback", job.id, exc_info=True)
+        log.error("%s failed: unexpected %s: %s (run with --debug for details)", job.id,
+                  type(exc).__name__, exc)
+        return _result(job, "failed", error=f"unexpected {type(exc).__name__}: {exc}",
+                       seconds=time.perf_counter() - start)
     built[job.id] = path
     seconds = time.perf_counter() - start
     log.info("%s: %d frames -> %s (%.1f s)", job.id, len(job.frames), path.name, seconds)
@@ -209,7 +207,7 @@ def build_master(job: Job, settings: Settings, path: Path, calibration: Path | N
     frames, frame_stats = _validate(job, settings, cal_reader)
     reader = StripReader(frames)
     n, ny, nx = reader.shape
-    w = workers(settings)
+    w = settings.resolved_num_workers
     rows = strip_rows(job, settings, n)
     levels = scales = None
     prepare = None

@@ -415,3 +415,25 @@ def test_a_given_logger_gets_records_at_its_own_level(raw, tmp_path):
     assert "INFO" in levels and "DEBUG" not in levels
     log = next((tmp_path / "out").glob("master_frames_*.log")).read_text()
     assert "DEBUG" in log  # the file log keeps the details
+
+
+def test_a_file_damaged_after_the_inventory_fails_its_master_only(raw, tmp_path):
+    """The file is named, the master is absent (no partial file), the others are built."""
+    from stacker.engine import run_plan
+
+    folder, _ = raw
+    darks = tmp_path / "darks"
+    shutil.copytree(folder / "darks", darks)
+    cfg = config(raw, tmp_path)
+    cfg["master_frames"]["darks_dir"] = str(darks)
+    creator = MasterFrameCreator(cfg)
+    plan = creator.plan(["dark"])
+    victim = sorted((darks / "60s").glob("*.fits"))[3]
+    with open(victim, "r+b") as fh:
+        fh.truncate(4000)  # after the inventory read its header
+    results = {r.job_id: r for r in run_plan(plan, creator.settings)}
+    assert results["dark_1.000s"].status == "built"
+    failed = results["dark_60.000s"]
+    assert failed.status == "failed" and victim.name in failed.error
+    assert not list((tmp_path / "out").glob("master_dark_60*"))
+    assert not list((tmp_path / "out").glob(".*.part"))
