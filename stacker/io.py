@@ -34,6 +34,10 @@ BLOCK = 2880  # FITS record size
 #: The raw bytes of one file's strip pass through a per-thread staging buffer (1/N of that).
 READ_BYTES_PER_VALUE = 4
 
+#: Bytes per pixel of a strip's results: image (4), frames used (2) and the (2, h, w)
+#: float32 pair handed to the store (8), rounded up.
+RESULT_BYTES_PER_PIXEL = 16
+
 #: Largest block one strip holds: measured on 200 x 4096x4096 frames, strips of 256-512 MB
 #: ran as fast as any and 1.3 GB strips 35 % slower (mean), so a bigger budget is not used.
 STRIP_CAP = 256 * 2**20
@@ -67,9 +71,10 @@ def rows_per_chunk(
 ) -> int:
     """Rows per strip so that `workers` strips in flight stay within `memory_limit`.
 
-    ``rows = floor(memory_limit / (workers * n_frames * width * bytes_per_value))``, where
-    `bytes_per_value` counts every working copy of one input value (the raw bytes read, the
-    float32 block, whatever the kernel holds per value). The budget is a ceiling, not a
+    ``rows = floor(memory_limit / (workers * width * (n_frames * bytes_per_value + 16)))``,
+    where `bytes_per_value` counts every working copy of one input value (the float32 block,
+    whatever the kernel holds per value) and 16 bytes per pixel of the strip are its results
+    (image, frames used, the stacked pair Dask stores). The budget is a ceiling, not a
     target: a strip never holds more than `strip_cap` bytes (larger ones only cost page
     faults), and with `height` given every worker gets at least four strips (progress and
     balance); neither ever makes a strip larger than the budget allows.
@@ -79,14 +84,14 @@ def rows_per_chunk(
     MemoryBudgetError
         When the budget cannot hold one row of every frame, with the numbers.
     """
-    per_row = workers * n_frames * width * bytes_per_value
+    per_row = workers * width * (n_frames * bytes_per_value + RESULT_BYTES_PER_PIXEL)
     rows = int(memory_limit // per_row)
     if rows < 1:
         need = math.ceil(per_row)
         raise MemoryBudgetError(
             f"memory_limit {_fmt(memory_limit)} cannot hold one row of all {n_frames} frames "
-            f"of {what} ({workers} workers x {n_frames} frames x {width} px x "
-            f"{bytes_per_value:g} B = {_fmt(need)}); "
+            f"of {what} ({workers} workers x {width} px x ({n_frames} frames x "
+            f"{bytes_per_value:g} B + {RESULT_BYTES_PER_PIXEL} B) = {_fmt(need)}); "
             f"raise memory_limit to at least {_fmt(need)} or lower num_workers"
         )
     if strip_cap is not None:

@@ -115,13 +115,13 @@ def test_plan_strips_covers_every_row_once_with_a_short_last_strip():
 
 
 def test_rows_per_chunk_is_the_documented_formula():
-    # floor(limit / (workers * n * width * bytes_per_value))
+    # floor(limit / (workers * width * (n * bytes_per_value + 16)))
     assert rows_per_chunk(2_000_000_000, 200, 9576, 2, 30, strip_cap=None) == 17
-    assert rows_per_chunk(10**9, 1, 100, 1, 10, strip_cap=None) == 10**6
+    assert rows_per_chunk(10**9, 1, 100, 1, 10, strip_cap=None) == 10**9 // (100 * 26)
     # a strip never holds more than the cap, whatever the budget
     assert rows_per_chunk(10**12, 50, 4096, 2, 4) == (256 * 2**20) // (50 * 4096 * 4)
     # with a height, every worker gets at least four strips when the budget allows
-    assert rows_per_chunk(10**9, 1, 100, 2, 10, height=800) == 100
+    assert rows_per_chunk(10**9, 1, 100, 2, 10, height=800) == 100  # 4 strips per worker
 
 
 def test_rows_per_chunk_does_not_depend_on_frame_height_for_peak_memory():
@@ -136,7 +136,7 @@ def test_budget_that_cannot_hold_one_row_fails_with_the_numbers():
         rows_per_chunk(1_000_000, 200, 9576, 2, 30, what="dark_300.000s")
     msg = str(err.value)
     assert "1.00 MB" in msg and "200 frames" in msg and "dark_300.000s" in msg
-    assert "2 workers x 200 frames x 9576 px x 30 B = 114.91 MB" in msg
+    assert "2 workers x 9576 px x (200 frames x 30 B + 16 B) = 115.22 MB" in msg
 
 
 # --- the writer ---------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def test_writer_refuses_cards_it_did_not_reserve(tmp_path):
        st.integers(1, 4), st.integers(1, 16))
 def test_rows_per_chunk_is_the_largest_strip_within_budget(limit, n, width, workers, bpv):
     def cost(r):
-        return workers * r * n * width * bpv
+        return workers * r * width * (n * bpv + 16)
 
     try:
         rows = rows_per_chunk(limit, n, width, workers, bpv, strip_cap=None)
