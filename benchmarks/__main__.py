@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="frame counts at which ccdproc runs ('' to skip; it is slow)")
     p.add_argument("--flat-frames", default="50",
                    help="frame counts for the flat case ('' to skip)")
+    p.add_argument("--no-siril", action="store_true",
+                   help="skip Siril even when siril-cli is installed (apt install siril)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="cache of simulated sets")
     p.add_argument("--json", type=Path, help="also write all measurements here")
     return p.parse_args(argv)
@@ -118,6 +121,9 @@ def main(argv=None) -> None:
                 results.append({**row, "case": f"stacker {limit}", "method": method,
                                 **run_case("stacker", files, work / f"s{n}{method}{limit}",
                                            method=method, memory_limit=limit)})
+            if method == "sigma_clip" and shutil.which("siril-cli") and not args.no_siril:
+                results.append({**row, "case": "siril", "method": method,
+                                **run_case("siril", files, work / f"siril{n}")})
             if n in ccd_frames and method in ("sigma_clip", "minmax"):
                 if method == "sigma_clip":  # ccdproc clips once: the same algorithm is 1 pass
                     results.append({**row, "case": "stacker 1-pass", "method": method,
@@ -169,6 +175,12 @@ def report(results: list[dict], limits: list[str]) -> str:
                              f"{r['peak_bytes'] / ours['peak_bytes']:.1f}x peak memory; "
                              f"{compare(r['output'], ours['output'])}")
     for r in results:
+        if r["case"] == "siril" and "seconds" in r:
+            ours = _find(results, r["n"], f"stacker {limits[-1]}", "sigma_clip")
+            if ours:
+                lines.append(f"- stacker {limits[-1]} / Siril (sigma_clip, N={r['n']}): "
+                             f"{ours['seconds'] / r['seconds']:.2f}x time, "
+                             f"{ours['peak_bytes'] / r['peak_bytes']:.2f}x peak memory")
         if r["case"] == "stacker flats" and "seconds" in r:
             dark = _find(results, r["n"], f"stacker {limits[-1]}", "sigma_clip")
             if dark:
