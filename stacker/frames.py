@@ -123,10 +123,6 @@ class Inventory:
     skipped: list[Skipped] = field(default_factory=list)
     searched: list[Path] = field(default_factory=list)
 
-    def of_kind(self, kind: str) -> list[Frame]:
-        """Frames of one kind, in path order."""
-        return [f for f in self.frames if f.kind == kind]
-
 
 def is_fits_name(name: str) -> bool:
     """True when a file name ends with one of `FITS_SUFFIXES` (case-insensitive)."""

@@ -96,10 +96,6 @@ class Plan:
         """Jobs that will run, in dependency order."""
         return [j for j in self.jobs if j.refused is None]
 
-    def job(self, job_id: str) -> Job:
-        """The job with this id."""
-        return next(j for j in self.jobs if j.id == job_id)
-
     def describe(self) -> str:
         """A text table of the plan: groups, frame counts, dependencies, output names."""
         rows = [("job", "frames", "exposure", "depends on", "output")]

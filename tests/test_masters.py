@@ -327,6 +327,7 @@ def test_status_objects_and_get_status(raw, tmp_path):
     creator = MasterFrameCreator(config(raw, tmp_path))
     status = creator.create_master_darks()
     assert isinstance(status, Status) and status.success and status.level == "success"
+    assert status.is_success and not status.is_error and bool(status)
     assert all(Path(p).exists() for p in status.data) and len(status.data) == 2
     assert status.details["n_master_darks"] == 2
     assert status.details["exposure_times"]["darks"] == [1.0, 60.0]
@@ -353,7 +354,7 @@ def test_error_status_when_nothing_is_found(tmp_path):
     status = MasterFrameCreator({"master_frames": {"darks_dir": str(tmp_path / "empty"),
                                                    "output_dir": str(tmp_path / "out")}}
                                 ).create_master_darks()
-    assert not status.success and status.level == "error"
+    assert not status.success and status.level == "error" and status.is_error
     assert status.message.startswith("No input files found")
     assert str(tmp_path / "empty") in status.message and ".fits" in status.message
     assert status.data["type"] == "InputError"
