@@ -138,7 +138,7 @@ def _bracket_median(src, m, centre, sd, work):  # pragma: no cover - compiled
     """
     k1 = (m - 1) // 2
     k2 = m // 2
-    half = 3.0 * 1.2533 * sd / np.sqrt(m)
+    half = 2.0 * 1.2533 * sd / np.sqrt(m)  # 2 standard errors: measured fastest of 1.5-3
     p1 = centre - half
     p2 = centre + half
     low = 0
