@@ -43,15 +43,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _simulate(folder: Path, width: int, height: int, *counts: str) -> None:
+    print(f"simulating {' '.join(counts)} at {width}x{height} in {folder} ...", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "stacker", "simulate", str(folder), "--width",
+                    str(width), "--height", str(height), *counts], check=True)
+
+
 def ensure_data(data: Path, width: int, height: int, n: int) -> list[Path]:
     """Simulated darks (one exposure) for the largest N; smaller N link to a prefix."""
     full = data / f"{width}x{height}"
     have = sorted((full / "darks").rglob("*.fits")) if full.exists() else []
     if len(have) < n:
-        print(f"simulating {n} darks of {width}x{height} in {full} ...", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "stacker", "simulate", str(full), "--width",
-                        str(width), "--height", str(height), "--n-bias", "0", "--n-darks",
-                        str(n), "--n-flats", "0", "--exposures", "60"], check=True)
+        _simulate(full, width, height, "--n-bias", "0", "--n-darks", str(n), "--n-flats", "0",
+                  "--exposures", "60")
         have = sorted((full / "darks").rglob("*.fits"))
     subset = data / f"{width}x{height}_n{n}"
     if not subset.exists() or len(list(subset.glob("*.fits"))) != n:
@@ -68,10 +72,8 @@ def ensure_flats(data: Path, width: int, height: int, n: int) -> tuple[list[Path
     folder = data / f"{width}x{height}_flats_n{n}"
     flats = sorted((folder / "flats").rglob("*.fits")) if folder.exists() else []
     if len(flats) < n:
-        print(f"simulating {n} flats of {width}x{height} in {folder} ...", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "stacker", "simulate", str(folder), "--width",
-                        str(width), "--height", str(height), "--n-bias", "0", "--n-darks",
-                        "10", "--exposures", "1", "--n-flats", str(n)], check=True)
+        _simulate(folder, width, height, "--n-bias", "0", "--n-darks", "10", "--exposures",
+                  "1", "--n-flats", str(n))
         flats = sorted((folder / "flats").rglob("*.fits"))
     return flats, folder / "darks"
 
