@@ -221,8 +221,7 @@ def _clip(tile, j, buf, work, sigma_low, sigma_high, center_mean, mad,
         if vmin >= lower and vmax <= upper:
             break  # converged: nothing to reject
         keep = 0
-        t1 = 0.0
-        t2 = 0.0
+        total = 0.0
         tmin = np.inf
         tmax = -np.inf
         for i in range(values.size):
@@ -230,14 +229,21 @@ def _clip(tile, j, buf, work, sigma_low, sigma_high, center_mean, mad,
             if lower <= v <= upper:  # False for NaN
                 buf[keep] = v
                 keep += 1
-                d = np.float64(v) - shift
-                t1 += d
-                t2 += d * d
+                total += v
                 tmin = min(tmin, v)
                 tmax = max(tmax, v)
         if keep == 0:  # it would reject everything: keep S (values is untouched)
             break
-        m, s1, s2, vmin, vmax = keep, t1, t2, tmin, tmax
+        # Survivors are measured about their own mean (two passes, as numpy's std does): the
+        # old shift may be a rejected outlier, far from values that differ by very little.
+        shift = total / keep
+        s1 = 0.0
+        s2 = 0.0
+        for i in range(keep):
+            d = np.float64(buf[i]) - shift
+            s1 += d
+            s2 += d * d
+        m, vmin, vmax = keep, tmin, tmax
         values = buf[:m]
     return shift + s1 / m, m
 

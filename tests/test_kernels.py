@@ -79,6 +79,10 @@ sigma_options = st.fixed_dictionaries({
 @example(one_outlier_among(10), {})
 @example(nan_column(), {"stddev": "mad_std"})
 @example(np.full((4, 1, 1), np.nan, np.float32), {})
+@example(np.array([[[1.0]], [[3.638958e-39]], [[0.0]]], np.float32),  # tiny survivors
+         {"sigma_low": 0.5, "sigma_high": 1.0})
+@example(np.array([[[1.0]], [[1e-6]], [[0.0]]], np.float32),
+         {"sigma_low": 1.0, "sigma_high": 0.5, "center": "mean"})
 @example(np.array([[[0.0]], [[1.0]]], np.float32), {"center": "mean", "sigma_low": 0.5,
                                                      "sigma_high": 0.5})  # would reject all
 def test_sigma_clip_matches_reference(block, options):
