@@ -22,6 +22,9 @@ from stacker.errors import StackerError
 
 log = logging.getLogger("stacker")
 
+#: Master statuses that leave a usable master on disk.
+READY = ("built", "current")
+
 
 @dataclass
 class Status:
@@ -138,7 +141,7 @@ class MasterFrameCreator:
     def get_status(self) -> dict[str, Any]:
         """What has been created so far by this creator, and with which settings."""
         masters = [m for run in self._runs for m in run["masters"]]
-        built = [m for m in masters if m["status"] == "built"]
+        built = [m for m in masters if m["status"] in READY]
 
         def paths(kind: str) -> list[str]:
             return [m["path"] for m in built if m["kind"] == kind]
@@ -184,6 +187,14 @@ class MasterFrameCreator:
 
     def _create(self, kinds: list[str], what: str) -> Status:
         start = time.perf_counter()
+        try:
+            from stacker.outdir import writable_folder
+
+            writable_folder(self.settings.output_dir, "output_dir")
+            if self.settings.log_dir is not None:
+                writable_folder(self.settings.log_dir, "log_dir")
+        except StackerError as exc:
+            return self._failure(exc)
         with self._logging():
             try:
                 plan = self.plan(kinds)
@@ -199,23 +210,34 @@ class MasterFrameCreator:
 
                 results = run_plan(plan, self.settings, progress=self.progress)
             except StackerError as exc:
-                log.error("%s", exc)
-                self._runs.append({"timestamp": None, "masters": [], "skipped_files": [],
-                                   "errors": [str(exc)]})
-                return Status(False, str(exc), data={"error": str(exc),
-                                                     "type": type(exc).__name__},
-                              details={"exit_code": exc.exit_code})
+                return self._failure(exc)
         return self._status(what, plan, results, missing, time.perf_counter() - start)
+
+    def _failure(self, exc: StackerError) -> Status:
+        """A run that stopped before building anything: one line, its exit code."""
+        log.error("%s", exc)
+        self._runs.append({"timestamp": None, "masters": [], "skipped_files": [],
+                           "errors": [str(exc)]})
+        return Status(False, str(exc), data={"error": str(exc), "type": type(exc).__name__},
+                      details={"exit_code": exc.exit_code})
 
     def _status(self, what, plan, results, missing, seconds) -> Status:
         masters = [r.to_dict() for r in results]
         skipped = [{"path": str(p), "reason": why} for p, why in plan.left_out]
         self._runs.append({"timestamp": plan.timestamp, "masters": masters,
                            "skipped_files": skipped})
-        built = [m for m in masters if m["status"] == "built"]
+        built = [m for m in masters if m["status"] in READY]
         files = sorted({m["path"] for m in built})
-        failed = [m for m in masters if m["status"] != "built"]
+        failed = [m for m in masters if m["status"] not in READY]
+        current = [m for m in masters if m["status"] == "current"]
+        rejected = [f for m in masters for f in m["stats"].get("frames", [])
+                    if f["verdict"] != "ok"]
         details = {
+            "n_built": len(built) - len(current),
+            "n_up_to_date": len(current),
+            "n_failed": len(failed),
+            "n_skipped_files": len(skipped),
+            "n_rejected_frames": len(rejected),
             "timestamp": plan.timestamp,
             "output_dir": str(self.settings.output_dir),
             "n_master_bias": sum(m["kind"] == "bias" for m in built),
@@ -234,8 +256,11 @@ class MasterFrameCreator:
             log.error(message)
             return Status(False, message, data={"error": reasons, "files": files},
                           details=details)
-        message = f"{what}: {len(built)} master{'s' if len(built) != 1 else ''} built in " \
+        n_new = len(built) - len(current)
+        message = f"{what}: {n_new} master{'s' if n_new != 1 else ''} built in " \
                   f"{seconds:.1f} s in {self.settings.output_dir}"
+        if current:
+            message += f" ({len(current)} already up to date)"
         log.info(message)
         return Status(True, message, data=files, details=details)
 

@@ -119,10 +119,19 @@ def masters(
         "--memory-limit", help="Memory budget, e.g. 2GB or 512MB.")] = None,
     output_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         "--output-dir", "-o", help="Output folder (overrides master_frames.output_dir).")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Rebuild masters that are already up to date in the output folder.")]
+    = False,
     debug: DebugOpt = False,
     log_level: LevelOpt = None,
 ) -> None:
-    """Create master frames as configured: bias, one dark per exposure, flats."""
+    """Create master frames as configured: bias, one dark per exposure, flats.
+
+    Masters already in the output folder with the same inputs and settings are kept, not
+    rebuilt (use --force). Exit codes: 0 every master built or up to date; 1 some masters
+    failed (the others are kept); 2 usage or configuration error, no usable input, or the
+    output folder is in use by another run.
+    """
     if darks_only and flats_only:
         raise _fail("--darks-only and --flats-only exclude each other; give one", EXIT_USAGE)
     level = "DEBUG" if debug else (log_level.value if log_level else None)
@@ -133,6 +142,7 @@ def masters(
         "memory_limit": memory_limit,
         "output_dir": output_dir.resolve() if output_dir else None,
         "log_level": level,
+        "force": True if force else None,
     }
     with _Progress() as progress:
         creator = _creator(config, overrides, debug, progress)

@@ -274,6 +274,7 @@ _CHECKS: dict[str, Check] = {
     "num_workers": _integer(1, optional=True, hint="e.g. 4, or null for one per CPU"),
     "exposure_tolerance": _number(0, strict=False, hint="e.g. 0.01 (seconds)"),
     "temperature_tolerance": _number(0, strict=False, hint="e.g. 2.0 (degrees C)"),
+    "force": _boolean,
 }
 
 
@@ -324,6 +325,9 @@ class Settings:
         Seconds; two exposures are equal when ``|a - b| <= max(tol, 1e-3 * max(a, b))``.
     temperature_tolerance : float
         Degrees C; two sensor temperatures are equal when ``|a - b| <= tol``.
+    force : bool
+        Rebuild every master even when one with the same inputs and settings (the same
+        fingerprint, card STKFP) is already in `output_dir` (default false: skip it).
 
     Notes
     -----
@@ -359,11 +363,25 @@ class Settings:
     num_workers: int | None = None
     exposure_tolerance: float = 0.01
     temperature_tolerance: float = 2.0
+    force: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = _CHECKS[f.name](f"{SECTION}.{f.name}", getattr(self, f.name))
             object.__setattr__(self, f.name, value)  # frozen: the only place fields are set
+        self._check_output_outside_inputs()
+
+    def _check_output_outside_inputs(self) -> None:
+        # Input folders are searched recursively: masters written inside one would be read
+        # back as frames by the next run.
+        out = self.output_dir.resolve()
+        for key in ("bias_dir", "darks_dir", "flats_dir", "input_dir"):
+            folder = getattr(self, key)
+            if folder is not None and out.is_relative_to(folder.resolve()):
+                raise ConfigError(
+                    f"{SECTION}.output_dir {self.output_dir} is inside {SECTION}.{key} "
+                    f"{folder}: its masters would be read as input frames; choose an "
+                    "output folder outside the input folders")
 
     def kernel_options(self) -> dict[str, Any]:
         """Keyword options for ``kernels.make_kernel(self.rejection_method, **options)``.

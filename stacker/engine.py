@@ -8,8 +8,10 @@ from disk; the others go on.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -38,6 +40,17 @@ from stacker.io import (
     stats_rows,
 )
 from stacker.io import rows_per_chunk as budget_rows
+from stacker.outdir import (
+    FINGERPRINT_CARD,
+    MasterIndex,
+    OutputLock,
+    check_free_space,
+    clean_leftovers,
+    file_fingerprint,
+)
+from stacker.outdir import (
+    fingerprint as job_fingerprint,
+)
 from stacker.plan import Job, Plan
 from stacker.qc import sample_frames, verdict
 
@@ -66,7 +79,7 @@ class MasterResult:
 
     job_id: str
     kind: str
-    status: str  # "built" | "failed" | "refused"
+    status: str  # "built" | "current" (up to date on disk, not rebuilt) | "failed" | "refused"
     path: Path | None = None
     error: str | None = None
     n_frames: int = 0
@@ -76,6 +89,7 @@ class MasterResult:
     stats: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    fingerprint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form, used in `Status.details`."""
@@ -100,18 +114,65 @@ def run_plan(plan: Plan, settings: Settings, *,
     check_budget(plan, settings)
     out_dir = Path(settings.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    work_dir = out_dir if settings.save_individual_masters else _work_dir(out_dir, plan)
-    built: dict[str, Path] = {}
-    results: list[MasterResult] = []
-    for job in plan.jobs:
-        if job.refused is not None:
-            log.warning("%s not built: %s", job.id, job.refused)
-            results.append(_result(job, "refused", error=job.refused))
-            continue
-        results.append(_run_job(job, settings, work_dir, built, progress))
-    if not settings.save_individual_masters:
-        results = _assemble_results(results, out_dir, plan, work_dir)
+    with OutputLock(out_dir):
+        clean_leftovers(out_dir)
+        digests = _fingerprints(plan, settings)
+        current = {} if settings.force else _current_masters(plan, out_dir, digests)
+        if not settings.save_individual_masters and len(current) < len(plan.buildable()):
+            current = {}  # one file holds every master: rebuild it whole or not at all
+        work_dir = out_dir if settings.save_individual_masters else _work_dir(out_dir, plan)
+        built: dict[str, Path] = dict(current)
+        results: list[MasterResult] = []
+        for job in plan.jobs:
+            if job.refused is not None:
+                log.warning("%s not built: %s", job.id, job.refused)
+                results.append(_result(job, "refused", error=job.refused))
+            elif job.id in current:
+                log.info("%s: up to date in %s (same inputs and settings; --force rebuilds "
+                         "it)", job.id, current[job.id].name)
+                results.append(_result(job, "current", path=current[job.id],
+                                       fingerprint=digests[job.id],
+                                       stats=_stats_from_header(current[job.id], job.id)))
+            else:
+                results.append(_run_job(job, settings, work_dir, built, progress,
+                                        digests[job.id]))
+        if not settings.save_individual_masters:
+            if current:
+                shutil.rmtree(work_dir, ignore_errors=True)
+            else:
+                results = _assemble_results(results, out_dir, plan, work_dir)
     return results
+
+
+def _fingerprints(plan: Plan, settings: Settings) -> dict[str, str]:
+    """Each job's fingerprint; a flat's includes that of the master it subtracts."""
+    digests: dict[str, str] = {}
+    for job in plan.jobs:  # dependency order: a flat's dark is digested first
+        cal = job.calibration
+        cal_digest = None
+        if cal is not None:
+            cal_digest = digests.get(cal.job_id) if cal.job_id else file_fingerprint(cal.path)
+        digests[job.id] = job_fingerprint(job, settings, cal_digest)
+    return digests
+
+
+def _stats_from_header(path: Path, job_id: str) -> dict[str, Any]:
+    """The statistics cards of a master on disk (the HDU of `job_id` in a multi-file)."""
+    from astropy.io import fits
+
+    with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+        header = next(h.header for h in hdul if h.header.get("MASTERID") == job_id)
+    return {key.lower(): header[key] for key in (*STAT_CARDS, "NORMFACT") if key in header}
+
+
+def _current_masters(plan: Plan, out_dir: Path, digests: dict[str, str]) -> dict[str, Path]:
+    index = MasterIndex.scan(out_dir)
+    current = {}
+    for job in plan.buildable():
+        path = index.get(job.id, digests[job.id])
+        if path is not None:
+            current[job.id] = path
+    return current
 
 
 def strip_rows(job: Job, settings: Settings, n_frames: int | None = None) -> int:
@@ -151,21 +212,21 @@ def _result(job: Job, status: str, **kw) -> MasterResult:
 
 
 def _run_job(job: Job, settings: Settings, work_dir: Path, built: dict[str, Path],
-             progress: ProgressFn | None) -> MasterResult:
+             progress: ProgressFn | None, digest: str | None = None) -> MasterResult:
     start = time.perf_counter()
     for note in job.notes:
         log.warning("%s: %s", job.id, note)
     try:
         calibration = _calibration_path(job, built)
         path, stats = build_master(job, settings, work_dir / job.output_name, calibration,
-                                   progress=progress)
+                                   progress=progress, fingerprint=digest)
     except StackerError as exc:
         log.error("%s failed: %s", job.id, exc)
         return _result(job, "failed", error=str(exc), seconds=time.perf_counter() - start)
     except OSError as exc:
-        log.error("%s failed: %s", job.id, exc)
-        return _result(job, "failed", error=f"I/O error: {exc}",
-                       seconds=time.perf_counter() - start)
+        message = _write_error(exc, work_dir / job.output_name)
+        log.error("%s failed: %s", job.id, message)
+        return _result(job, "failed", error=message, seconds=time.perf_counter() - start)
     except Exception as exc:  # a bug or an input we did not foresee: fail this master only
         log.debug("%s: traceback", job.id, exc_info=True)
         log.error("%s failed: unexpected %s: %s (run with --debug for details)", job.id,
@@ -175,7 +236,18 @@ def _run_job(job: Job, settings: Settings, work_dir: Path, built: dict[str, Path
     built[job.id] = path
     seconds = time.perf_counter() - start
     log.info("%s: %d frames -> %s (%.1f s)", job.id, len(job.frames), path.name, seconds)
-    return _result(job, "built", path=path, stats=stats, seconds=seconds)
+    return _result(job, "built", path=path, stats=stats, seconds=seconds, fingerprint=digest)
+
+
+def _write_error(exc: OSError, path: Path) -> str:
+    """One line for an OS error while building: a full disk says so and names the fix."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device while writing {path} (the partial file was "
+                "removed); free some space or choose another output_dir")
+    if exc.errno == errno.EFBIG:
+        return (f"file size limit exceeded while writing {path} (the partial file was "
+                "removed); raise the limit (ulimit -f) or choose another output_dir")
+    return f"I/O error: {exc}"
 
 
 def _calibration_path(job: Job, built: dict[str, Path]) -> Path | None:
@@ -190,8 +262,12 @@ def _calibration_path(job: Job, built: dict[str, Path]) -> Path | None:
 
 
 def build_master(job: Job, settings: Settings, path: Path, calibration: Path | None = None,
-                 *, progress: ProgressFn | None = None) -> tuple[Path, dict[str, Any]]:
+                 *, progress: ProgressFn | None = None,
+                 fingerprint: str | None = None) -> tuple[Path, dict[str, Any]]:
     """Build one master into `path` (complete on disk, or absent on any error).
+
+    `fingerprint`, when given, is recorded in the header (card STKFP) so that a rerun with
+    the same inputs and settings finds the master and skips it.
 
     Returns
     -------
@@ -219,6 +295,9 @@ def build_master(job: Job, settings: Settings, path: Path, calibration: Path | N
         scales = [reference / lv for lv in levels]
         prepare = Prepare(calibration=cal_reader, scales=tuple(scales))
     header = master_header(job, settings, frames, calibration)
+    if fingerprint is not None:
+        header[FINGERPRINT_CARD] = (fingerprint, "digest of inputs and settings (for reruns)")
+    check_free_space(path.parent, ny * nx * 6 + len(frames) * 400, job.id)
     writer = MasterWriter.create(path, (ny, nx), header, _count_header(),
                                  _inputs_table(frames, levels, scales))
     try:
@@ -270,7 +349,8 @@ def _validate(job: Job, settings: Settings, cal_reader: StripReader | None):
     measured = sample_frames(job.frames, rows, subtract)
     kept, stats = [], {}
     for frame, st in zip(job.frames, measured, strict=True):
-        why = verdict(frame, st) if settings.quality_control else None
+        why = st.verdict if st.verdict != "ok" else (
+            verdict(frame, st) if settings.quality_control else None)
         if why is None and job.kind == "flat" and not st.median > 0:
             why = (f"flat level {st.median:g} <= 0 after subtracting the master; "
                    "is it exposed?")

@@ -29,3 +29,26 @@ class MemoryBudgetError(StackerError):
 
 class BuildError(StackerError):
     """One master could not be built; other masters go on."""
+
+
+class FrameReadError(BuildError):
+    """The pixels of one input frame cannot be read (damaged, vanished, undecodable).
+
+    Attributes
+    ----------
+    path : str
+        The frame, so that validation can leave it out and name it.
+    reason : str
+        Why, in a few words, without the path.
+    """
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+class OutputLockedError(StackerError):
+    """Another stacker run holds the output folder (exit code 2: nothing was started)."""
+
+    exit_code = 2

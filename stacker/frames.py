@@ -388,8 +388,14 @@ def scan(settings: Settings, kinds: Iterable[str] = KINDS) -> Inventory:
 
 
 def _reason(exc: BaseException) -> str:
+    import errno
+
     if isinstance(exc, PermissionError):
         return "permission denied; make it readable"
+    if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+        return "symbolic link loop (the link points back to itself); remove the link"
+    if isinstance(exc, FileNotFoundError):
+        return "broken symbolic link or the file vanished; remove the link"
     return _short(exc)
 
 

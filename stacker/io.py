@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stacker.errors import MemoryBudgetError
+from stacker.errors import FrameReadError, MemoryBudgetError
 from stacker.frames import Frame
 
 if TYPE_CHECKING:
@@ -166,7 +166,29 @@ def _runs(rows: Sequence[int]) -> Iterator[tuple[int, int]]:
 
 
 def read_rows_into(frame: Frame, y0: int, y1: int, out: np.ndarray) -> None:
-    """Read rows ``[y0, y1)`` of `frame` into the float32 array `out` ``(y1 - y0, nx)``."""
+    """Read rows ``[y0, y1)`` of `frame` into the float32 array `out` ``(y1 - y0, nx)``.
+
+    Raises
+    ------
+    FrameReadError
+        Naming the frame, when its bytes cannot be read or decoded.
+    """
+    try:
+        _read_rows_into(frame, y0, y1, out)
+    except FrameReadError:
+        raise
+    except OSError as exc:
+        raise FrameReadError(frame.path, f"cannot be read ({exc.strerror or exc})") from exc
+    except Exception as exc:
+        # astropy's tile decompression raises ValueError, TypeError, zlib.error, ... on
+        # damaged tiles: whatever it is, this file's pixels are unusable.
+        if not frame.compressed:
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise FrameReadError(frame.path, f"cannot be decompressed ({first})") from exc
+
+
+def _read_rows_into(frame: Frame, y0: int, y1: int, out: np.ndarray) -> None:
     if frame.compressed:
         out[...] = _read_compressed(frame, y0, y1)
         return
@@ -180,7 +202,8 @@ def read_rows_into(frame: Frame, y0: int, y1: int, out: np.ndarray) -> None:
     finally:
         os.close(fd)
     if got != nbytes:
-        raise OSError(f"{frame.path}: file is shorter than its header says (truncated?)")
+        raise FrameReadError(frame.path, "file is shorter than its header says (truncated "
+                                         "since it was scanned?)")
     raw = buf.view(frame.stored_dtype).reshape(y1 - y0, nx)
     _to_physical(frame, raw, out)
 
@@ -270,13 +293,17 @@ class MasterWriter:
         end = count_offset + _padded(ny * nx * 2)
         tail = extension_bytes(table) if table is not None else b""
         temp = final_path.with_name(f".{final_path.name}.part")
-        with open(temp, "wb") as fh:
-            fh.write(head0)
-            fh.seek(count_header_offset)
-            fh.write(head1)
-            fh.truncate(end)  # sparse data: zeros read back until strips arrive
-            fh.seek(end)
-            fh.write(tail)
+        try:
+            with open(temp, "wb") as fh:
+                fh.write(head0)
+                fh.seek(count_header_offset)
+                fh.write(head1)
+                fh.truncate(end)  # sparse data: zeros read back until strips arrive
+                fh.seek(end)
+                fh.write(tail)
+        except BaseException:
+            temp.unlink(missing_ok=True)  # a full disk here leaves nothing behind
+            raise
         cards = tuple(_card_offsets(head0))
         return cls(final_path, temp, shape, image_offset, count_offset, cards)
 

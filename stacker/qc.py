@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from stacker.errors import FrameReadError
 from stacker.frames import Frame
 from stacker.io import StripReader
 
@@ -72,13 +73,27 @@ def verdict(frame: Frame, stats: FrameStats) -> str | None:
     return None
 
 
+def unreadable(frame: Frame, reason: str) -> FrameStats:
+    """The statistics of a frame whose pixels could not be read: NaN, with the reason."""
+    nan = float("nan")
+    return FrameStats(str(frame.path), nan, nan, nan, nan, nan, 0.0, 0.0, verdict=reason)
+
+
 def sample_frames(frames: Sequence[Frame], rows: Sequence[int],
                   subtract: np.ndarray | None = None) -> list[FrameStats]:
-    """Measure every frame on the same sampled `rows`, one frame in memory at a time."""
+    """Measure every frame on the same sampled `rows`, one frame in memory at a time.
+
+    A frame whose pixels cannot be read or decoded gets NaN statistics and the reason as its
+    verdict, so that it is left out instead of failing the whole group later.
+    """
     reader = StripReader(tuple(frames))
     out = []
     for i, frame in enumerate(frames):
-        raw = reader.read_frame_rows(i, rows)
+        try:
+            raw = reader.read_frame_rows(i, rows)
+        except FrameReadError as exc:
+            out.append(unreadable(frame, exc.reason))
+            continue
         values = raw - subtract if subtract is not None else raw
         out.append(measure(frame, values, raw))
     return out

@@ -237,7 +237,7 @@ def test_save_individual_masters_false_writes_one_multi_extension_file(raw, tmp_
     out = tmp_path / "out"
     fits_files = sorted(p.name for p in out.glob("*.fits"))
     assert len(fits_files) == 1 and fits_files[0].startswith("master_frames_")
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".stacker.lock"]
     with fits.open(out / fits_files[0]) as hdul:
         hdul.verify("exception")
         names = [h.name for h in hdul[1:]]
@@ -418,14 +418,16 @@ def test_a_given_logger_gets_records_at_its_own_level(raw, tmp_path):
     assert "DEBUG" in log  # the file log keeps the details
 
 
-def test_a_file_damaged_after_the_inventory_fails_its_master_only(raw, tmp_path):
-    """The file is named, the master is absent (no partial file), the others are built."""
+@pytest.mark.parametrize("qc", [True, False])
+def test_a_file_damaged_after_the_inventory(raw, tmp_path, qc):
+    """With quality control the frame is left out and named; without it the master fails
+    naming the file and is absent (no partial file). Other masters are built either way."""
     from stacker.engine import run_plan
 
     folder, _ = raw
     darks = tmp_path / "darks"
     shutil.copytree(folder / "darks", darks)
-    cfg = config(raw, tmp_path)
+    cfg = config(raw, tmp_path, quality_control=qc)
     cfg["master_frames"]["darks_dir"] = str(darks)
     creator = MasterFrameCreator(cfg)
     plan = creator.plan(["dark"])
@@ -434,7 +436,14 @@ def test_a_file_damaged_after_the_inventory_fails_its_master_only(raw, tmp_path)
         fh.truncate(4000)  # after the inventory read its header
     results = {r.job_id: r for r in run_plan(plan, creator.settings)}
     assert results["dark_1.000s"].status == "built"
-    failed = results["dark_60.000s"]
-    assert failed.status == "failed" and victim.name in failed.error
+    job = results["dark_60.000s"]
+    if qc:
+        assert job.status == "built"
+        verdicts = {Path(f["path"]).name: f["verdict"] for f in job.stats["frames"]}
+        assert "shorter than its header says" in verdicts[victim.name]
+        with fits.open(job.path) as hdul:
+            assert hdul[0].header["NCOMBINE"] == len(plan.jobs[1].frames) - 1
+        return
+    assert job.status == "failed" and victim.name in job.error
     assert not list((tmp_path / "out").glob("master_dark_60*"))
     assert not list((tmp_path / "out").glob(".*.part"))
