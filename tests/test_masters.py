@@ -303,7 +303,7 @@ def test_quality_control_leaves_out_a_blank_frame(raw, tmp_path):
     on = MasterFrameCreator(cfg).create_master_bias()
     m = built(on)["bias"]
     verdicts = {Path(f["path"]).name: f["verdict"] for f in m["stats"]["frames"]}
-    assert verdicts["blank.fits"].startswith("constant frame")
+    assert verdicts["blank.fits"].startswith("all-zero frame")
     with fits.open(m["path"]) as hdul:
         assert hdul[0].header["NCOMBINE"] == N
     cfg["master_frames"].update(quality_control=False, output_dir=str(tmp_path / "off"))
