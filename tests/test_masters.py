@@ -235,8 +235,11 @@ def test_save_individual_masters_false_writes_one_multi_extension_file(raw, tmp_
                                 ).create_all_master_frames()
     assert status.success
     out = tmp_path / "out"
-    fits_files = sorted(p.name for p in out.glob("*.fits"))
+    fits_files = sorted(p.name for p in out.glob("master_*.fits"))
     assert len(fits_files) == 1 and fits_files[0].startswith("master_frames_")
+    # The bad-pixel mask stays a file of its own beside the masters; metrics read the HDUs.
+    assert len(list(out.glob("bad_pixel_mask_*.fits"))) == 1
+    assert all(m["stats"]["metrics"]["frames_used"] > 0 for m in status.details["masters"])
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     with fits.open(out / fits_files[0]) as hdul:
         hdul.verify("exception")
