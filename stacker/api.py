@@ -162,6 +162,9 @@ class MasterFrameCreator:
             "errors": [f"{m['job_id']}: {m['error']}" for m in masters if m["error"]]
             + [e for run in self._runs for e in run.get("errors", [])],
             "skipped_files": [s for run in self._runs for s in run["skipped_files"]],
+            # Run-level quality results of the last run that built masters (report.json).
+            **{key: next((run[key] for run in reversed(self._runs) if key in run), None)
+               for key in ("dark_series", "bad_pixel_masks", "reports")},
         }
 
     # -- extras --------------------------------------------------------------------------
@@ -209,9 +212,14 @@ class MasterFrameCreator:
                 from stacker.engine import run_plan
 
                 results = run_plan(plan, self.settings, progress=self.progress)
+                quality = _quality(results, plan, self.settings)
             except StackerError as exc:
                 return self._failure(exc)
-        return self._status(what, plan, results, missing, time.perf_counter() - start)
+            status = self._status(what, plan, results, missing, time.perf_counter() - start,
+                                  quality)
+            status.details["reports"] = _reports(status, plan, self.settings)
+            self._runs[-1]["reports"] = status.details["reports"]
+        return status
 
     def _failure(self, exc: StackerError) -> Status:
         """A run that stopped before building anything: one line, its exit code."""
@@ -221,11 +229,11 @@ class MasterFrameCreator:
         return Status(False, str(exc), data={"error": str(exc), "type": type(exc).__name__},
                       details={"exit_code": exc.exit_code})
 
-    def _status(self, what, plan, results, missing, seconds) -> Status:
+    def _status(self, what, plan, results, missing, seconds, quality) -> Status:
         masters = [r.to_dict() for r in results]
         skipped = [{"path": str(p), "reason": why} for p, why in plan.left_out]
         self._runs.append({"timestamp": plan.timestamp, "masters": masters,
-                           "skipped_files": skipped})
+                           "skipped_files": skipped, **quality})
         built = [m for m in masters if m["status"] in READY]
         files = sorted({m["path"] for m in built})
         failed = [m for m in masters if m["status"] not in READY]
@@ -249,6 +257,7 @@ class MasterFrameCreator:
             "missing_kinds": missing,
             "plan": plan.describe(),
             "seconds": round(seconds, 3),
+            **quality,
         }
         if failed:
             reasons = "; ".join(f"{m['job_id']}: {m['error']}" for m in failed)
@@ -266,6 +275,27 @@ class MasterFrameCreator:
 
     def _logging(self):
         return _RunLogging(self.settings, self.logger)
+
+
+def _quality(results, plan, settings: Settings) -> dict[str, Any]:
+    """Master metrics (into each result's stats), dark linearity and the bad-pixel masks."""
+    from stacker.metrics import measure_run
+
+    run = measure_run(results, plan, settings)
+    return {"dark_series": run.dark_series, "bad_pixel_masks": run.bad_pixel_masks,
+            "metrics_errors": run.errors}
+
+
+def _reports(status: Status, plan, settings: Settings) -> dict[str, str | None]:
+    """Write report.json and report.html; a report that fails never fails the run."""
+    from stacker.report import write_reports
+
+    try:
+        return write_reports(status, plan, settings)
+    except Exception as exc:
+        log.debug("report traceback", exc_info=True)
+        log.warning("report not written: %s: %s", type(exc).__name__, exc)
+        return {"json": None, "html": None, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _exposures(masters: list[dict]) -> dict[str, list[float]]:

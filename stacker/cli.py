@@ -239,6 +239,38 @@ def demo(
     raise typer.Exit(code)
 
 
+@app.command()
+def report(
+    output_dir: Annotated[Path, typer.Argument(help="Output folder holding report.json.")],
+) -> None:
+    """Regenerate report.html from report.json and the masters in OUTPUT_DIR."""
+    from stacker.report import regenerate
+
+    try:
+        path = regenerate(output_dir)
+    except (ValueError, OSError) as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    typer.echo(path)
+
+
+@app.command()
+def inspect(
+    files: Annotated[list[Path], typer.Argument(help="FITS frames or masters.")],
+) -> None:
+    """Print each file's header summary and statistics (masters: their stacker cards)."""
+    from stacker.inspect import describe
+
+    failed = False
+    for path in files:
+        try:
+            typer.echo(describe(path))
+        except (ValueError, OSError) as exc:
+            typer.echo(f"stacker: error: {path}: {exc}", err=True)
+            failed = True
+    if failed:
+        raise typer.Exit(EXIT_USAGE)
+
+
 class _Progress:
     """A rich progress bar per master on a terminal; silent otherwise (the log says enough)."""
 

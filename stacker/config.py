@@ -209,6 +209,16 @@ def _number(minimum: float, *, strict: bool, hint: str, optional: bool = False) 
     return check
 
 
+def _fraction(*, hint: str) -> Check:
+    def check(path: str, value: Any) -> float:
+        real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not real or not math.isfinite(value) or not 0 < value <= 1:
+            raise ConfigError(f"{path}: {value!r} is not a fraction in (0, 1]; {hint}")
+        return float(value)
+
+    return check
+
+
 def _integer(minimum: int, *, hint: str, optional: bool = False) -> Check:
     def check(path: str, value: Any) -> int | None:
         if value is None and optional:
@@ -275,6 +285,16 @@ _CHECKS: dict[str, Check] = {
     "exposure_tolerance": _number(0, strict=False, hint="e.g. 0.01 (seconds)"),
     "temperature_tolerance": _number(0, strict=False, hint="e.g. 2.0 (degrees C)"),
     "force": _boolean,
+    "qc_outlier_sigma": _number(0, strict=True, optional=True,
+                                hint="e.g. 5.0, or null to keep outlier frames"),
+    "qc_flat_max_level": _fraction(hint="e.g. 0.7 (of full scale)"),
+    "qc_saturated_fraction": _fraction(hint="e.g. 0.01"),
+    "qc_min_finite_fraction": _fraction(hint="e.g. 0.5"),
+    "qc_hot_sigma": _number(0, strict=True, hint="e.g. 5.0"),
+    "qc_low_pixel_level": _fraction(hint="e.g. 0.5 (of the local flat level)"),
+    "qc_dust_depth": _fraction(hint="e.g. 0.01 (1 % dimmer than the smooth flat)"),
+    "qc_egain": _number(0, strict=True, optional=True,
+                        hint="e.g. 1.0 (e-/ADU), or null to use the EGAIN header"),
 }
 
 
@@ -328,6 +348,24 @@ class Settings:
     force : bool
         Rebuild every master even when one with the same inputs and settings (the same
         fingerprint, card STKFP) is already in `output_dir` (default false: skip it).
+    qc_outlier_sigma : float or None
+        Robust z-score above which a frame's level, noise or (flats) shape departs from its
+        group and the frame is left out (default 5.0); None keeps outliers.
+    qc_flat_max_level : float
+        A flat whose level is above this fraction of full scale is left out (default 0.7).
+    qc_saturated_fraction : float
+        A flat with more than this fraction of pixels at full scale is left out (0.01).
+    qc_min_finite_fraction : float
+        A frame with fewer finite (not NaN/inf) pixels than this is left out (0.5).
+    qc_hot_sigma : float
+        A dark pixel this many sigma above its neighbours is hot (default 5.0).
+    qc_low_pixel_level : float
+        A flat pixel below this fraction of its neighbours is dead or low (default 0.5).
+    qc_dust_depth : float
+        A shadow this much dimmer than the smooth flat is reported as dust (0.01).
+    qc_egain : float or None
+        Conversion gain in e-/ADU for metrics in electrons; None reads EGAIN from the
+        frames (GAIN is a camera setting, not e-/ADU, so it is not used).
 
     Notes
     -----
@@ -364,6 +402,14 @@ class Settings:
     exposure_tolerance: float = 0.01
     temperature_tolerance: float = 2.0
     force: bool = False
+    qc_outlier_sigma: float | None = 5.0
+    qc_flat_max_level: float = 0.7
+    qc_saturated_fraction: float = 0.01
+    qc_min_finite_fraction: float = 0.5
+    qc_hot_sigma: float = 5.0
+    qc_low_pixel_level: float = 0.5
+    qc_dust_depth: float = 0.01
+    qc_egain: float | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,7 +52,7 @@ from stacker.outdir import (
     fingerprint as job_fingerprint,
 )
 from stacker.plan import Job, Plan
-from stacker.qc import sample_frames, verdict
+from stacker.qc import judge, sample_frames
 
 if TYPE_CHECKING:
     from astropy.io.fits import Header
@@ -346,22 +346,19 @@ def _validate(job: Job, settings: Settings, cal_reader: StripReader | None):
     ny, nx = job.shape
     rows = sample_rows(ny, nx)
     subtract = cal_reader.read_frame_rows(0, rows) if cal_reader is not None else None
-    measured = sample_frames(job.frames, rows, subtract)
+    measured = judge(job, sample_frames(job.frames, rows, subtract), settings)
     kept, stats = [], {}
     for frame, st in zip(job.frames, measured, strict=True):
-        why = st.verdict if st.verdict != "ok" else (
-            verdict(frame, st) if settings.quality_control else None)
-        if why is None and job.kind == "flat" and not st.median > 0:
-            why = (f"flat level {st.median:g} <= 0 after subtracting the master; "
-                   "is it exposed?")
-        if why is not None:
-            log.warning("%s: left out %s: %s", job.id, frame.path, why)
-            st = replace(st, verdict=why)
-        else:
+        if st.ok:
             kept.append(frame)
+        else:
+            log.warning("%s: left out %s: %s", job.id, frame.path, st.verdict)
         stats[str(frame.path)] = st
     if len(kept) < max(settings.min_frames, 1):
-        raise BuildError(f"{job.id}: {len(kept)} usable frames after quality control, "
+        out = [st for st in measured if not st.ok]
+        why = f" ({len(out)} left out; first: {Path(out[0].path).name}: {out[0].verdict})" \
+            if out else ""
+        raise BuildError(f"{job.id}: {len(kept)} usable frames after quality control{why}, "
                          f"min_frames is {settings.min_frames}")
     return tuple(kept), stats
 

@@ -48,12 +48,17 @@ class CameraModel:
     vignetting: float = 0.25  # fractional fall-off at the corners
     prnu: float = 0.01
     n_dust: int = 3
+    dust_depth: tuple[float, float] = (0.02, 0.08)  # fractional depth of a dust donut
+    bayer: str | None = None  # e.g. "RGGB": a colour sensor (BAYERPAT header, CFA response)
+    cfa_response: tuple[float, float, float] = (0.55, 1.0, 0.75)  # R, G, B relative to G
 
     def __post_init__(self) -> None:
         if len(self.shape) != 2 or min(self.shape) < 1:
             raise ValueError(f"shape must be (height, width) >= 1, got {self.shape}")
         if self.gain <= 0 or self.read_noise_e < 0:
             raise ValueError("gain must be > 0 and read_noise_e >= 0")
+        if self.bayer is not None and sorted(self.bayer) != sorted("RGGB"):
+            raise ValueError(f"bayer must be a 2x2 pattern such as RGGB, got {self.bayer!r}")
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,12 @@ class SimulationSpec:
     cosmic_rate: float = 2.0  # hits per megapixel per second of exposure (+1 s of readout)
     layout: str = "folders"  # "folders" (bias/, darks/<t>s/, flats/<filter>/) or "flat"
     seed: int = 0
+    # Faulty frames, for quality-control tests: the last `light_leak_darks` darks of the
+    # longest exposure get `light_leak_e` electrons of stray light (a gradient across the
+    # frame); the last `cloudy_flats` flats of each filter get a cloud (a dim band).
+    light_leak_darks: int = 0
+    light_leak_e: float = 200.0
+    cloudy_flats: int = 0
 
     def __post_init__(self) -> None:
         if self.layout not in ("folders", "flat"):
@@ -95,7 +106,9 @@ class Truth:
     flat : ndarray
         The flat-field pattern (vignetting x PRNU x dust), normalized to mean 1.
     params : dict
-        Scalars: gain, read noise (ADU), flat level, frame counts, exposures.
+        Scalars: gain, read noise (ADU), flat level, frame counts, exposures; ``dust``: one
+        ``{x, y, radius, depth}`` per dust donut (pixels, 0-based); ``defects``: names of the
+        faulty frames written (light leaks, clouds); ``hot_pixels``: how many were drawn.
     """
 
     bias: np.ndarray
@@ -195,10 +208,25 @@ class _Camera:
         scale = 0.15 * max(ny, nx)
         rate_e += cam.amp_glow_e * np.exp(-np.hypot(yy - (ny - 1), xx - (nx - 1)) / scale)
         self.rate_e = rate_e
-        self.flat = _flat_pattern(cam, rng, yy, xx)
+        self.hot = hot
+        self.dust: list[dict] = []
+        self.flat = _flat_pattern(cam, rng, yy, xx, self.dust)
+        if cam.bayer is not None:
+            self.flat = self.flat * cfa_map(cam.shape, cam.bayer, cam.cfa_response)
+            self.flat /= self.flat.mean()
 
 
-def _flat_pattern(cam: CameraModel, rng, yy, xx) -> np.ndarray:
+def cfa_map(shape: tuple[int, int], pattern: str, response: tuple[float, float, float]
+            ) -> np.ndarray:
+    """Relative response of every pixel of a Bayer sensor (`pattern` reads row 0, row 1)."""
+    gains = dict(zip("RGB", response, strict=True))
+    out = np.empty(shape)
+    for i, colour in enumerate(pattern.upper()):
+        out[i // 2::2, i % 2::2] = gains[colour]
+    return out
+
+
+def _flat_pattern(cam: CameraModel, rng, yy, xx, dust: list[dict]) -> np.ndarray:
     ny, nx = cam.shape
     cy, cx = ny * rng.uniform(0.45, 0.55), nx * rng.uniform(0.45, 0.55)
     r = np.hypot((yy - cy) / (ny / 2), (xx - cx) / (nx / 2)) / np.sqrt(2)
@@ -207,10 +235,12 @@ def _flat_pattern(cam: CameraModel, rng, yy, xx) -> np.ndarray:
     for _ in range(cam.n_dust):
         dy, dx = rng.uniform(0.1, 0.9) * ny, rng.uniform(0.1, 0.9) * nx
         radius = rng.uniform(0.03, 0.08) * min(ny, nx) + 1.5
-        depth = rng.uniform(0.02, 0.08)
+        depth = rng.uniform(*cam.dust_depth)
         d = np.hypot(yy - dy, xx - dx)
         ring = np.exp(-0.5 * ((d - radius) / (0.35 * radius + 0.5)) ** 2)  # a donut shadow
         pattern *= 1 - depth * ring
+        dust.append({"x": float(dx), "y": float(dy), "radius": float(radius),
+                     "depth": float(depth)})
     return (pattern / pattern.mean()).astype(np.float64)
 
 
@@ -246,11 +276,26 @@ def _header(cam: CameraModel, imagetyp: str, exptime: float, when: datetime, rng
     header = {"IMAGETYP": imagetyp, "EXPTIME": float(exptime), "EXPOSURE": float(exptime),
               "CCD-TEMP": round(cam.temperature + rng.uniform(-0.2, 0.2), 2),
               "SET-TEMP": cam.temperature, "GAIN": 100, "OFFSET": cam.offset,
-              "XBINNING": 1, "YBINNING": 1, "INSTRUME": "stacker-sim CMOS",
+              "EGAIN": cam.gain, "XBINNING": 1, "YBINNING": 1, "INSTRUME": "stacker-sim CMOS",
               "DATE-OBS": when.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3], "BUNIT": "ADU"}
     if filt is not None:
         header["FILTER"] = filt
+    if cam.bayer is not None:
+        header["BAYERPAT"] = cam.bayer
     return header
+
+
+def _light_leak(shape: tuple[int, int], electrons: float) -> np.ndarray:
+    """Stray light: `electrons` on average, brighter towards one side (a leak at an edge)."""
+    ny, nx = shape
+    return electrons * (0.5 + np.linspace(0.0, 1.0, nx))[None, :] * np.ones((ny, 1))
+
+
+def _cloud(shape: tuple[int, int]) -> np.ndarray:
+    """A cloud passing over a twilight flat: a band 15 % dimmer across part of the frame."""
+    ny, nx = shape
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    return 1 - 0.15 * np.exp(-0.5 * ((xx - 0.3 * nx + 0.2 * yy) / (0.15 * nx)) ** 2)
 
 
 def simulate(out_dir: Path, spec: SimulationSpec | None = None) -> Truth:
@@ -280,10 +325,17 @@ def simulate(out_dir: Path, spec: SimulationSpec | None = None) -> Truth:
                     _frame(camera, rng, 0.0, None, spec.cosmic_rate),
                     _header(cam, "Bias Frame", 0.0, when, rng))
         when += timedelta(seconds=2)
+    defects: list[str] = []
+    longest = max(spec.dark_exposures, default=None)
     for t in spec.dark_exposures:
         for i in range(spec.n_darks):
-            write_frame(place(f"darks/{t:g}s", f"dark_{t:g}s_{i + 1:04d}.fits"),
-                        _frame(camera, rng, t, None, spec.cosmic_rate),
+            data = _frame(camera, rng, t, None, spec.cosmic_rate)
+            name = f"dark_{t:g}s_{i + 1:04d}.fits"
+            if t == longest and i >= spec.n_darks - spec.light_leak_darks:
+                leak = rng.poisson(_light_leak(cam.shape, spec.light_leak_e)) / cam.gain
+                data = np.clip(data + np.rint(leak), 0, 65535).astype(np.uint16)
+                defects.append(name)
+            write_frame(place(f"darks/{t:g}s", name), data,
                         _header(cam, "Dark Frame", t, when, rng))
             when += timedelta(seconds=t + 2)
     for filt in spec.flat_filters:
@@ -291,12 +343,19 @@ def simulate(out_dir: Path, spec: SimulationSpec | None = None) -> Truth:
                                         if spec.n_flats > 1 else np.zeros(1))
         for i in range(spec.n_flats):
             level_e = cam.flat_level * cam.gain * drifts[i]
-            write_frame(place(f"flats/{filt}", f"flat_{filt}_{i + 1:04d}.fits"),
-                        _frame(camera, rng, spec.flat_exposure, level_e * camera.flat,
-                               spec.cosmic_rate),
+            signal = level_e * camera.flat
+            name = f"flat_{filt}_{i + 1:04d}.fits"
+            if i >= spec.n_flats - spec.cloudy_flats:
+                signal = signal * _cloud(cam.shape)
+                defects.append(name)
+            write_frame(place(f"flats/{filt}", name),
+                        _frame(camera, rng, spec.flat_exposure, signal, spec.cosmic_rate),
                         _header(cam, "Flat Field", spec.flat_exposure, when, rng, filt))
             when += timedelta(seconds=spec.flat_exposure + 2)
     params = {**asdict(cam), **{k: v for k, v in asdict(spec).items() if k != "camera"}}
+    params["dust"] = camera.dust
+    params["defects"] = defects
+    params["hot_pixels"] = int(camera.hot.sum())
     params = json.loads(json.dumps(params))  # the form it has once saved: lists, not tuples
     truth = Truth(camera.bias, camera.rate_e / cam.gain, camera.flat, params)
     truth.save(out_dir)

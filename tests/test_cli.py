@@ -67,7 +67,8 @@ def test_darks_only_and_flats_only(tmp_path, raw):
     cfg = write_config(tmp_path, raw)
     assert stacker("masters", "-c", str(cfg), "--darks-only").returncode == 0
     out = tmp_path / "out"
-    assert sorted(p.name.split("_")[1] for p in out.glob("*.fits")) == ["dark", "dark"]
+    assert sorted(p.name.split("_")[1] for p in out.glob("master_*.fits")) == ["dark", "dark"]
+    assert len(list(out.glob("bad_pixel_mask_*.fits"))) == 1  # hot pixels of the darks
     run = stacker("masters", "-c", str(cfg), "--flats-only", "--normalization-method", "max")
     assert run.returncode == 0, run.stderr
     assert len(list(out.glob("master_dark_*"))) == 2  # reused, not rebuilt

@@ -87,6 +87,14 @@ NON_DEFAULTS = {
     "exposure_tolerance": (0.5, 0.5),
     "temperature_tolerance": (1, 1.0),
     "force": (True, True),
+    "qc_outlier_sigma": (None, None),
+    "qc_flat_max_level": (0.8, 0.8),
+    "qc_saturated_fraction": (0.05, 0.05),
+    "qc_min_finite_fraction": (1, 1.0),
+    "qc_hot_sigma": (8, 8.0),
+    "qc_low_pixel_level": (0.3, 0.3),
+    "qc_dust_depth": (0.02, 0.02),
+    "qc_egain": (1.5, 1.5),
 }
 
 
@@ -620,6 +628,7 @@ _names = st.text(alphabet="abcxyz_-.0123456789", min_size=1, max_size=8).filter(
 _dirs = st.lists(_names, min_size=1, max_size=3).map(lambda parts: os.path.join(*parts))
 _positive = st.floats(min_value=1e-6, max_value=1e6) | st.integers(min_value=1, max_value=100)
 _tolerance = st.floats(min_value=0, max_value=1e4) | st.integers(min_value=0, max_value=100)
+_fractions = st.floats(min_value=1e-6, max_value=1.0) | st.just(1)
 _sizes = st.integers(min_value=1, max_value=2**45) | st.sampled_from(
     ["2GB", "512MB", "1.5GiB", "800M", "4096", "3 TiB"]
 )
@@ -653,7 +662,22 @@ VALID_VALUES = {
     "exposure_tolerance": _tolerance,
     "temperature_tolerance": _tolerance,
     "force": st.booleans(),
+    "qc_outlier_sigma": st.none() | _positive,
+    "qc_flat_max_level": _fractions,
+    "qc_saturated_fraction": _fractions,
+    "qc_min_finite_fraction": _fractions,
+    "qc_hot_sigma": _positive,
+    "qc_low_pixel_level": _fractions,
+    "qc_dust_depth": _fractions,
+    "qc_egain": st.none() | _positive,
 }
+
+
+@pytest.mark.parametrize(("key", "value"), [("qc_flat_max_level", 1.5), ("qc_dust_depth", 0),
+                                            ("qc_low_pixel_level", "half")])
+def test_qc_fractions_must_be_in_0_1(key, value):
+    assert error_of({"master_frames": {key: value}}).startswith(
+        f"master_frames.{key}: {value!r} is not a fraction in (0, 1]")
 
 
 def test_property_strategies_cover_every_key():

@@ -84,7 +84,7 @@ def inject(raw: Path) -> dict[str, str]:
     write_like(good, darks / "othershape_5s.fits", data=small)
     expect["othershape_5s.fits"] = "shape 16x12 differs"
     write_like(good, darks / "zeros_5s.fits", data=np.zeros(SHAPE, np.uint16))
-    expect["zeros_5s.fits"] = "constant frame"
+    expect["zeros_5s.fits"] = "all-zero frame"
     write_like(good, darks / "constant_5s.fits", data=np.full(SHAPE, 1000, np.uint16))
     expect["constant_5s.fits"] = "constant frame"
     nan = np.full(SHAPE, np.nan, np.float32)

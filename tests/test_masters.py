@@ -235,8 +235,11 @@ def test_save_individual_masters_false_writes_one_multi_extension_file(raw, tmp_
                                 ).create_all_master_frames()
     assert status.success
     out = tmp_path / "out"
-    fits_files = sorted(p.name for p in out.glob("*.fits"))
+    fits_files = sorted(p.name for p in out.glob("master_*.fits"))
     assert len(fits_files) == 1 and fits_files[0].startswith("master_frames_")
+    # The bad-pixel mask stays a file of its own beside the masters; metrics read the HDUs.
+    assert len(list(out.glob("bad_pixel_mask_*.fits"))) == 1
+    assert all(m["stats"]["metrics"]["frames_used"] > 0 for m in status.details["masters"])
     assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".stacker.lock"]
     with fits.open(out / fits_files[0]) as hdul:
         hdul.verify("exception")
@@ -303,7 +306,7 @@ def test_quality_control_leaves_out_a_blank_frame(raw, tmp_path):
     on = MasterFrameCreator(cfg).create_master_bias()
     m = built(on)["bias"]
     verdicts = {Path(f["path"]).name: f["verdict"] for f in m["stats"]["frames"]}
-    assert verdicts["blank.fits"].startswith("constant frame")
+    assert verdicts["blank.fits"].startswith("all-zero frame")
     with fits.open(m["path"]) as hdul:
         assert hdul[0].header["NCOMBINE"] == N
     cfg["master_frames"].update(quality_control=False, output_dir=str(tmp_path / "off"))

@@ -1,0 +1,153 @@
+"""Master metrics and the bad-pixel mask, judged against the simulator's ground truth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from stacker import MasterFrameCreator
+from stacker.metrics import find_dust, neighbour_median
+from stacker.report import _clean
+from stacker.simulate import CameraModel, SimulationSpec, simulate
+
+SHAPE = (64, 96)
+CAMERA = CameraModel(shape=SHAPE, hot_pixel_fraction=0.005, n_dust=2, dust_depth=(0.05, 0.08),
+                     dark_current_e=0.05, amp_glow_e=1.0)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("metrics")
+    spec = SimulationSpec(camera=CAMERA, n_bias=10, dark_exposures=(10.0, 60.0), n_darks=10,
+                          n_flats=10, flat_exposure=10.0, seed=4, light_leak_darks=1)
+    truth = simulate(folder / "raw", spec)
+    cfg = {"master_frames": {"bias_dir": str(folder / "raw" / "bias"),
+                             "darks_dir": str(folder / "raw" / "darks"),
+                             "flats_dir": str(folder / "raw" / "flats"),
+                             "output_dir": str(folder / "out")}}
+    creator = MasterFrameCreator(cfg)
+    status = creator.create_all_master_frames()
+    assert status.success, status.message
+    return status, truth, creator
+
+
+def metrics(status, job_id: str) -> dict:
+    return next(m for m in status.details["masters"] if m["job_id"] == job_id)["stats"]["metrics"]
+
+
+def test_bias_read_noise_level_and_patterns_match_the_truth(run):
+    status, truth, _ = run
+    m = metrics(status, "bias")
+    expected = np.sqrt(truth.read_noise_adu ** 2 + 1 / 12)  # quantization adds 1/12 ADU^2
+    assert m["read_noise_adu"] == pytest.approx(expected, rel=0.05)
+    assert m["read_noise_e"] == pytest.approx(expected * truth.params["gain"], rel=0.05)
+    assert m["level_adu"] == pytest.approx(truth.bias.mean(), abs=0.2)
+    assert m["row_pattern_adu"] == pytest.approx(truth.bias.mean(axis=1).std(), rel=0.1)
+    assert m["column_pattern_adu"] == pytest.approx(truth.bias.mean(axis=0).std(), rel=0.1)
+    assert m["frames_used"] == 10 and m["frames_rejected"] == 0
+    assert 0 <= m["rejection_fraction_mean"] <= m["rejection_fraction_max"] < 1
+
+
+def test_dark_current_hot_pixels_and_amp_glow(run):
+    status, truth, _ = run
+    m = metrics(status, "dark_60.000s")
+    assert m["bias_subtracted"] and m["frames_rejected"] == 1  # the light leak
+    # The median of a skewed dark signal blurred by the noise of (master dark - master
+    # bias) lies above the truth's median: blur the truth the same way, then compare.
+    t = 60.0
+    noise = np.hypot(truth.noise_floor("dark", t, 9), truth.noise_floor("bias", None, 10))
+    blurred = truth.dark_rate * t + np.random.default_rng(0).normal(0, 1, SHAPE) * noise
+    expected = np.median(blurred) / t
+    assert m["dark_current_adu_s"] == pytest.approx(expected, rel=0.05)
+    assert m["dark_current_e_s"] == pytest.approx(expected * truth.params["gain"], rel=0.05)
+    # Every hot pixel of the truth is found; a warm one may cross 5 sigma by chance.
+    assert truth.params["hot_pixels"] <= m["hot_pixels"] <= truth.params["hot_pixels"] + 2
+    glow = m["amp_glow"]
+    assert glow["corner"] == "top_right"  # the simulator's glow sits at (nx-1, ny-1)
+    assert glow["excess_adu_s"] > 0.3
+
+
+def test_dark_linearity_across_exposures(run):
+    status, truth, _ = run
+    (series,) = status.details["dark_series"]
+    assert series["exposures"] == [10.0, 60.0]
+    assert series["slope_adu_s"] == pytest.approx(np.median(truth.dark_rate), rel=0.15)
+    assert abs(series["intercept_adu"]) < 1.0  # bias-subtracted levels start at 0
+
+
+def test_flat_snr_uniformity_vignetting_and_dust(run):
+    status, truth, _ = run
+    m = metrics(status, "flat_L_10.000s")
+    level = truth.params["flat_level"]
+    assert m["snr_frame"] == pytest.approx(np.sqrt(level * truth.params["gain"]), rel=0.1)
+    assert m["snr_master"] == pytest.approx(m["snr_frame"] * np.sqrt(10), rel=0.05)
+    corners = m["uniformity"]["corner_to_centre"]
+    assert all(0.7 < v < 0.9 for v in corners.values())  # 25 % vignetting at the corners
+    profile = [p["level"] for p in m["vignetting_profile"]]
+    assert profile[0] == 1.0 and profile[-1] < 0.85 and np.all(np.diff(profile) < 0.01)
+    dust = m["dust"]
+    assert dust["count"] == len(truth.params["dust"])
+    for d in truth.params["dust"]:
+        nearest = min(dust["shadows"], key=lambda s: np.hypot(s["x"] - d["x"], s["y"] - d["y"]))
+        assert np.hypot(nearest["x"] - d["x"], nearest["y"] - d["y"]) < d["radius"] / 2
+
+
+def test_bad_pixel_mask_holds_the_truths_hot_pixels(run):
+    status, truth, _ = run
+    (mask_info,) = status.details["bad_pixel_masks"]
+    path = Path(mask_info["path"])
+    assert path.parent == Path(status.details["output_dir"])
+    assert not list(path.parent.glob(".*.part"))
+    with fits.open(path) as hdul:
+        mask = hdul[0].data
+        assert hdul[0].header["NHOT"] == mask_info["hot_pixels"]
+    hot_truth = truth.dark_rate * truth.params["gain"] >= truth.params["hot_pixel_rate_e"][0]
+    hot = (mask & 1).astype(bool)
+    assert np.all(hot[hot_truth]) and np.count_nonzero(hot & ~hot_truth) <= 2
+    assert not np.any(mask & 2)  # the simulated flat has no dead pixels
+
+
+def test_status_get_status_and_report_json_carry_the_same_numbers(run):
+    status, _, creator = run
+    state = creator.get_status()
+    report = json.loads(Path(status.details["reports"]["json"]).read_text())
+    for m in report["masters"]:
+        assert m["metrics"] == _clean(state["statistics"][m["job_id"]]["metrics"])
+    assert state["bad_pixel_masks"] == status.details["bad_pixel_masks"]
+    assert report["bad_pixel_masks"] == status.details["bad_pixel_masks"]
+    assert state["reports"] == status.details["reports"]
+
+
+def test_bayer_flat_gives_channel_levels_and_no_false_low_pixels(tmp_path):
+    cam = CameraModel(shape=(48, 64), bayer="RGGB", n_dust=0)
+    simulate(tmp_path / "raw", SimulationSpec(camera=cam, n_bias=4, dark_exposures=(1.0,),
+                                              n_darks=4, n_flats=6, seed=2))
+    cfg = {"master_frames": {"bias_dir": str(tmp_path / "raw" / "bias"),
+                             "darks_dir": str(tmp_path / "raw" / "darks"),
+                             "flats_dir": str(tmp_path / "raw" / "flats"),
+                             "output_dir": str(tmp_path / "out")}}
+    status = MasterFrameCreator(cfg).create_all_master_frames()
+    m = metrics(status, "flat_L_1.000s")
+    assert m["bayer_pattern"] == "RGGB"
+    ch = m["channel_levels"]
+    assert ch["R"] / ch["G1"] == pytest.approx(0.55, rel=0.05)
+    assert ch["B"] / ch["G2"] == pytest.approx(0.75, rel=0.05)
+    assert m["low_pixels"] == 0
+
+
+def test_neighbour_median_and_dust_finder_on_synthetic_maps():
+    flat = np.ones((40, 60))
+    flat[10, 10] = 0.2
+    assert neighbour_median(flat)[10, 10] == 1.0
+    yy, xx = np.mgrid[0:40, 0:60]
+    shadow = 1 - 0.05 * np.exp(-0.5 * (np.hypot(yy - 25, xx - 40) / 3) ** 2)
+    vignetted = (1 - 0.2 * ((yy - 20) ** 2 + (xx - 30) ** 2) / 1300) * shadow
+    found = find_dust(vignetted, 1, 0.01)
+    assert found["count"] == 1
+    assert found["shadows"][0]["x"] == pytest.approx(40, abs=1)
+    assert found["shadows"][0]["y"] == pytest.approx(25, abs=1)
+    assert find_dust(1 - 0.2 * ((yy - 20) ** 2 + (xx - 30) ** 2) / 1300, 1, 0.01)["count"] == 0

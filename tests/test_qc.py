@@ -1,0 +1,147 @@
+"""Frame validation: every rejection named with its reason, against simulated faults."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from stacker import MasterFrameCreator
+from stacker.qc import clipped_stats
+from stacker.simulate import CameraModel, SimulationSpec, simulate
+
+SHAPE = (48, 64)
+N = 10
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory):
+    """Darks with one light leak, flats with one cloud, and the truth naming them."""
+    folder = tmp_path_factory.mktemp("faulty")
+    spec = SimulationSpec(camera=CameraModel(shape=SHAPE), n_bias=N, dark_exposures=(30.0,),
+                          n_darks=N, n_flats=N, seed=11, light_leak_darks=1, cloudy_flats=1)
+    return folder, simulate(folder, spec)
+
+
+def run(folder: Path, out: Path, what: str = "all", **keys):
+    cfg = {"master_frames": {"bias_dir": str(folder / "bias"), "darks_dir": str(folder / "darks"),
+                             "flats_dir": str(folder / "flats"), "output_dir": str(out), **keys}}
+    creator = MasterFrameCreator(cfg)
+    return {"all": creator.create_all_master_frames, "bias": creator.create_master_bias,
+            "dark": creator.create_master_darks}[what]()
+
+
+def verdicts(status, job_id: str) -> dict[str, dict]:
+    master = next(m for m in status.details["masters"] if m["job_id"] == job_id)
+    return {Path(f["path"]).name: f for f in master["stats"]["frames"]}
+
+
+def test_the_light_leak_dark_and_the_cloudy_flat_are_rejected_with_their_z_score(faulty,
+                                                                                 tmp_path):
+    folder, truth = faulty
+    status = run(folder, tmp_path / "out")
+    assert status.success
+    darks = verdicts(status, "dark_30.000s")
+    leak = truth.params["defects"][0]
+    assert darks[leak]["verdict"].startswith("outlier: level")
+    assert darks[leak]["z_level"] > 50 and f"z-score {darks[leak]['z_level']:.1f}" in \
+        darks[leak]["verdict"]
+    assert [n for n, f in darks.items() if f["verdict"] != "ok"] == [leak]
+    flats = verdicts(status, "flat_L_1.000s")
+    cloud = truth.params["defects"][1]
+    assert flats[cloud]["verdict"].startswith("outlier: its shape departs")
+    assert flats[cloud]["z_shape"] > 5
+    # The twilight drift (3 % in level) is not an outlier: only the cloud is.
+    assert [n for n, f in flats.items() if f["verdict"] != "ok"] == [cloud]
+    log = next((tmp_path / "out").glob("master_frames_*.log")).read_text()
+    assert f"left out {folder / 'darks' / '30s' / leak}: outlier: level" in log
+    with fits.open(next(m["path"] for m in status.details["masters"]
+                        if m["job_id"] == "dark_30.000s")) as hdul:
+        assert hdul[0].header["NCOMBINE"] == N - 1
+        history = "".join(hdul[0].header["HISTORY"])
+        assert "rejected by quality control" in history and leak in history
+
+
+def test_outlier_threshold_is_configurable_and_null_keeps_outliers(faulty, tmp_path):
+    folder, _ = faulty
+    status = run(folder, tmp_path / "out", what="dark", qc_outlier_sigma=None)
+    darks = verdicts(status, "dark_30.000s")
+    assert all(f["verdict"] == "ok" for f in darks.values())
+    assert all(f["z_level"] is None for f in darks.values())
+
+
+def test_a_steady_group_has_no_outliers(faulty, tmp_path):
+    folder, _ = faulty
+    status = run(folder, tmp_path / "out", what="bias")
+    frames = verdicts(status, "bias")
+    assert all(f["verdict"] == "ok" for f in frames.values())
+    assert max(abs(f["z_level"]) for f in frames.values()) < 5
+
+
+def copy_bias(folder: Path, tmp_path: Path) -> tuple[Path, fits.Header]:
+    bias = tmp_path / "bias"
+    shutil.copytree(folder / "bias", bias)
+    return bias, fits.getheader(sorted(bias.glob("*.fits"))[0])
+
+
+def test_header_and_data_range_checks_name_their_reason(faulty, tmp_path):
+    folder, _ = faulty
+    bias, header = copy_bias(folder, tmp_path)
+    warm = header.copy()
+    warm["CCD-TEMP"] = header["CCD-TEMP"] + 6
+    data = fits.getdata(sorted(bias.glob("*.fits"))[1])
+    fits.PrimaryHDU(data, header=warm).writeto(bias / "warm.fits")
+    nan = np.full(SHAPE, np.nan, np.float32)
+    nan[:5] = 500
+    fits.PrimaryHDU(nan, header=header).writeto(bias / "nan.fits")
+    status = run(folder, tmp_path / "out", what="bias", bias_dir=str(bias))
+    frames = verdicts(status, "bias")
+    assert frames["warm.fits"]["verdict"].startswith("CCD-TEMP")
+    assert "temperature_tolerance 2" in frames["warm.fits"]["verdict"]
+    assert frames["nan.fits"]["verdict"].startswith("only 10% of its pixels are finite")
+    assert sum(f["verdict"] == "ok" for f in frames.values()) == N
+
+
+def test_a_bright_flat_above_the_full_scale_limit_is_left_out(faulty, tmp_path):
+    folder, _ = faulty
+    flats = tmp_path / "flats"
+    shutil.copytree(folder / "flats", flats)
+    path = sorted(flats.rglob("*.fits"))[0]
+    with fits.open(path) as hdul:
+        bright = np.clip(hdul[0].data.astype(np.float64) * 2.0, 0, 65535).astype(np.uint16)
+        header = hdul[0].header.copy()
+    fits.PrimaryHDU(bright, header=header).writeto(path.with_name("bright.fits"))
+    status = run(folder, tmp_path / "out", flats_dir=str(flats))
+    frames = verdicts(status, "flat_L_1.000s")
+    assert "above qc_flat_max_level 70%" in frames["bright.fits"]["verdict"]
+    status = run(folder, tmp_path / "out2", flats_dir=str(flats), qc_flat_max_level=0.9)
+    assert verdicts(status, "flat_L_1.000s")["bright.fits"]["verdict"] == "ok" or \
+        "outlier" in verdicts(status, "flat_L_1.000s")["bright.fits"]["verdict"]
+
+
+def test_too_few_usable_frames_say_why_and_other_groups_go_on(faulty, tmp_path):
+    folder, _ = faulty
+    bias, header = copy_bias(folder, tmp_path)
+    for path in sorted(bias.glob("*.fits"))[2:]:
+        path.unlink()
+    fits.PrimaryHDU(np.zeros(SHAPE, np.uint16), header=header).writeto(bias / "zero.fits")
+    status = run(folder, tmp_path / "out", bias_dir=str(bias))
+    assert not status.success
+    assert "bias: 2 usable frames after quality control (1 left out; first: zero.fits: " \
+           "all-zero frame" in status.message
+    assert "min_frames is 3" in status.message
+    state = {m["job_id"]: m["status"] for m in status.details["masters"]}
+    # The flat (1 s, no dark of 1 s) needed that bias; the darks go on.
+    assert state == {"bias": "failed", "dark_30.000s": "built", "flat_L_1.000s": "failed"}
+
+
+def test_clipped_stats_are_continuous_on_integer_data_and_ignore_hot_pixels():
+    rng = np.random.default_rng(0)
+    values = np.rint(rng.normal(500, 3.5, 200_000))
+    values[:100] = 60000
+    mean, std = clipped_stats(values)
+    assert abs(mean - 500) < 0.05
+    assert abs(std - np.sqrt(3.5**2 + 1 / 12)) < 0.03

@@ -1,0 +1,149 @@
+"""report.json, report.html and the `report` / `inspect` commands, on a real run."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+import zlib
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stacker import MasterFrameCreator
+from stacker.report import SCHEMA_VERSION, png
+from stacker.simulate import CameraModel, SimulationSpec, simulate
+
+
+def stacker(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stacker", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("report")
+    spec = SimulationSpec(camera=CameraModel(shape=(40, 64)), n_bias=6, dark_exposures=(1.0,),
+                          n_darks=6, n_flats=6, seed=8, light_leak_darks=1)
+    truth = simulate(folder / "raw", spec)
+    cfg = {"master_frames": {"bias_dir": str(folder / "raw" / "bias"),
+                             "darks_dir": str(folder / "raw" / "darks"),
+                             "flats_dir": str(folder / "raw" / "flats"),
+                             "output_dir": str(folder / "out")}}
+    status = MasterFrameCreator(cfg).create_all_master_frames()
+    assert status.success, status.message
+    return folder / "out", status, truth
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: list[str] = []
+        self.images: list[str] = []
+        self.rejected_rows = 0
+        self.svgs = 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "section" and "master" in (a.get("class") or ""):
+            self.sections.append(a["id"])
+        if tag == "img":
+            self.images.append(a["src"])
+        if tag == "tr" and a.get("class") == "rejected":
+            self.rejected_rows += 1
+        if tag == "svg":
+            self.svgs += 1
+
+
+def decode_png(uri: str) -> tuple[int, int]:
+    assert uri.startswith("data:image/png;base64,")
+    data = base64.b64decode(uri.split(",", 1)[1])
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    # Every chunk's CRC is right and the pixel data inflates to height rows.
+    pos, idat = 8, b""
+    while pos < len(data):
+        n = int.from_bytes(data[pos:pos + 4], "big")
+        tag, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        assert int.from_bytes(data[pos + 8 + n:pos + 12 + n], "big") == zlib.crc32(tag + body)
+        idat += body if tag == b"IDAT" else b""
+        pos += 12 + n
+    assert len(zlib.decompress(idat)) % height == 0
+    return width, height
+
+
+def test_report_json_has_the_documented_schema(run):
+    out, status, truth = run
+    report = json.loads((out / "report.json").read_text())
+    assert report["schema_version"] == SCHEMA_VERSION
+    for key in ("creator", "created", "timestamp", "settings", "inventory", "plan", "masters",
+                "dark_series", "bad_pixel_masks", "errors", "success", "message"):
+        assert key in report, key
+    assert [j["id"] for j in report["plan"]["jobs"]] == ["bias", "dark_1.000s", "flat_L_1.000s"]
+    dark = next(m for m in report["masters"] if m["job_id"] == "dark_1.000s")
+    assert Path(dark["path"]).exists() and dark["metrics"]["hot_pixels"] >= 0
+    leak = truth.params["defects"][0]
+    verdicts = {Path(f["path"]).name: f["verdict"] for f in dark["frames"]}
+    assert verdicts[leak].startswith("outlier: level")
+    assert status.details["reports"]["json"] == str(out / "report.json")
+    assert not list(out.glob(".*.part"))
+
+
+def test_report_html_has_every_master_images_and_rejected_frames(run):
+    out, status, _ = run
+    page = _Page()
+    page.feed((out / "report.html").read_text())
+    assert page.sections == [m["job_id"] for m in status.details["masters"]]
+    assert len(page.images) == 2 * len(page.sections)  # preview and rejection map each
+    for uri in page.images:
+        assert decode_png(uri) == (64, 40)
+    assert page.svgs == 3 * len(page.sections)  # histogram, row and column profiles
+    assert page.rejected_rows == 1  # the light-leak dark
+
+
+def test_stacker_report_regenerates_the_page(run, tmp_path):
+    out, _, _ = run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "report.html").unlink()
+    result = stacker("report", str(copy))
+    assert result.returncode == 0, result.stderr
+    assert (copy / "report.html").read_text().count('class="master"') == 3
+    missing = stacker("report", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert "report.json not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_stacker_inspect_prints_headers_and_statistics(run, tmp_path):
+    _, status, _ = run
+    master = status.details["masters"][0]["path"]
+    bad = tmp_path / "bad.fits"
+    bad.write_text("not fits")
+    result = stacker("inspect", master, str(bad))
+    assert result.returncode == 2
+    assert "IMAGETYP  MASTER BIAS" in result.stdout and "NCOMBINE=6" in result.stdout
+    assert "stats     mean" in result.stdout
+    assert result.stderr.startswith(f"stacker: error: {bad}: not a readable FITS image")
+    assert "Traceback" not in result.stderr
+
+
+def test_png_encoder_round_trips_through_a_known_decoder():
+    image = (np.arange(12 * 7).reshape(7, 12) % 256).astype(np.uint8)
+    data = png(image)
+    raw = zlib.decompress(data[data.index(b"IDAT") + 4:])
+    rows = np.frombuffer(raw, np.uint8).reshape(7, 13)
+    assert np.all(rows[:, 0] == 0) and np.array_equal(rows[:, 1:], image)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium (Debian package)")
+def test_report_renders_in_a_headless_browser(run, tmp_path):
+    out, _, _ = run
+    shot = tmp_path / "report.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                    f"--screenshot={shot}", "--window-size=1200,2400",
+                    (out / "report.html").as_uri()], capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 20_000  # a page with pictures, not blank
