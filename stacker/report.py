@@ -43,6 +43,10 @@ PREVIEW_SIDE = 600
 # report.json
 
 
+#: Run totals in ``report["counts"]`` (also in `Status.details`).
+COUNTS = ("n_built", "n_up_to_date", "n_failed", "n_skipped_files", "n_rejected_frames")
+
+
 def build_report(status: Status, plan: Plan, settings: Settings) -> dict[str, Any]:
     """The report of one run as a JSON-friendly dict (see docs/report-schema.md)."""
     d = status.details
@@ -69,6 +73,7 @@ def build_report(status: Status, plan: Plan, settings: Settings) -> dict[str, An
         "output_dir": str(settings.output_dir),
         "success": status.success,
         "message": status.message,
+        "counts": {key: d.get(key, 0) for key in COUNTS},
         "settings": settings.to_dict(),
         "inventory": {"frames_per_kind": counts, "skipped_files": d.get("skipped_files", []),
                       "missing_kinds": d.get("missing_kinds", [])},

@@ -167,6 +167,21 @@ def test_every_bad_file_is_named_with_its_reason(runs, folders):
         assert any(reason in ln for ln in said), f"{name}: expected {reason!r} in {said}"
 
 
+def test_the_report_counts_the_bad_files(runs, folders):
+    import json
+
+    _, _, expect = folders
+    _, out, _ = runs["dirty"]
+    report = json.loads((out / "report.json").read_text())
+    skipped = {Path(s["path"]).name for s in report["inventory"]["skipped_files"]}
+    rejected = {Path(f["path"]).name for m in report["masters"] for f in m["frames"]
+                if f["verdict"] != "ok"}
+    assert skipped | rejected == set(expect)
+    assert report["counts"]["n_skipped_files"] == len(skipped)
+    assert report["counts"]["n_rejected_frames"] == len(rejected) == 4
+    assert report["counts"]["n_failed"] == 1  # the lone binned flat
+
+
 def test_masters_from_the_rest_equal_the_clean_masters(runs):
     proc, out, _ = runs["dirty"]
     clean = masters(runs["clean"][1])
