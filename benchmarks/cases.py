@@ -47,7 +47,8 @@ def stacker(files: list[str], out: str, method: str, memory_limit: str,
     folder = Path(files[0]).parent
     settings = {"darks_dir": str(folder), "output_dir": out, "rejection_method": method,
                 "memory_limit": memory_limit, "quality_control": False, "min_frames": 1,
-                "max_iterations": max_iterations, "log_level": "WARNING"}
+                "max_iterations": max_iterations, "log_level": "WARNING",
+                "force": True}
     status = MasterFrameCreator({"master_frames": settings}).create_master_darks()
     if not status.success:
         raise SystemExit(status.message)
@@ -61,7 +62,8 @@ def flats(files: list[str], out: str, method: str, memory_limit: str, darks: str
 
     settings = {"darks_dir": darks, "flats_dir": str(Path(files[0]).parent),
                 "output_dir": out, "rejection_method": method, "memory_limit": memory_limit,
-                "quality_control": False, "min_frames": 1, "log_level": "WARNING"}
+                "quality_control": False, "min_frames": 1, "log_level": "WARNING",
+                "force": True}
     creator = MasterFrameCreator({"master_frames": settings})
     if not list(Path(out).glob("master_dark_*.fits")):
         raise SystemExit("run the flats case after its dark: build_dark first")

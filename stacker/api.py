@@ -212,7 +212,9 @@ class MasterFrameCreator:
                 from stacker.engine import run_plan
 
                 results = run_plan(plan, self.settings, progress=self.progress)
-                quality = _quality(results, plan, self.settings)
+                # Master metrics and the bad-pixel mask are quality control's third level.
+                quality = _quality(results, plan, self.settings) \
+                    if self.settings.quality_control else {}
             except StackerError as exc:
                 return self._failure(exc)
             status = self._status(what, plan, results, missing, time.perf_counter() - start,

@@ -313,6 +313,11 @@ def test_quality_control_leaves_out_a_blank_frame(raw, tmp_path):
     off = MasterFrameCreator(cfg).create_master_bias()
     with fits.open(built(off)["bias"]["path"]) as hdul:
         assert hdul[0].header["NCOMBINE"] == N + 1
+    # Without quality control there are no master metrics and no bad-pixel mask either;
+    # the report is still written.
+    assert "metrics" in m["stats"] and "metrics" not in built(off)["bias"]["stats"]
+    assert not list((tmp_path / "off").glob("bad_pixel_mask_*"))
+    assert (tmp_path / "off" / "report.json").exists()
 
 
 def test_log_file_in_output_dir_or_log_dir(raw, tmp_path):
