@@ -48,6 +48,7 @@ __all__ = [
     "LOG_LEVELS",
     "NORMALIZATION_METHODS",
     "REJECTION_METHODS",
+    "SCHEDULER_SCHEMES",
     "SECTION",
     "SIGMA_CENTERS",
     "SIGMA_STDDEVS",
@@ -63,6 +64,8 @@ NORMALIZATION_METHODS = ("mean", "median", "max")
 SIGMA_CENTERS = ("median", "mean")
 SIGMA_STDDEVS = ("std", "mad_std")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: Protocols of a dask.distributed scheduler address (``tcp://host:8786``).
+SCHEDULER_SCHEMES = ("tcp", "tls", "ucx")
 
 _SIZE_HINT = "write e.g. 2GB, 512MB or 1.5GiB"
 _SIZE_RE = re.compile(
@@ -244,6 +247,27 @@ def _size(path: str, value: Any) -> int:
     return parse_size(value, key=path)
 
 
+_SCHEDULER_HINT = ("write local:N (N worker processes on this machine), the address of a running "
+                   "Dask scheduler such as tcp://host:8786, or null (threads on this machine)")
+_ADDRESS_RE = re.compile(rf"^(?:{'|'.join(SCHEDULER_SCHEMES)})://[^\s/]+$", re.IGNORECASE)
+
+
+def _scheduler(path: str, value: Any) -> str | None:
+    # Only the form is checked here: whether a scheduler listens is known when connecting.
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() == "threads":  # lets a typed flag undo a scheduler set in the YAML
+            return None
+        local = re.fullmatch(r"local:(\d+)", text, re.IGNORECASE)
+        if local is not None and int(local[1]) >= 1:
+            return f"local:{int(local[1])}"
+        if _ADDRESS_RE.match(text):
+            return text
+    raise ConfigError(f"{path}: {value!r} is not a scheduler; {_SCHEDULER_HINT}")
+
+
 _SIGMA_HINT = "e.g. 3.0, or null for sigma_threshold"
 # One check per field; Settings.__post_init__ runs them all (a test pins that none is missing).
 _CHECKS: dict[str, Check] = {
@@ -274,6 +298,7 @@ _CHECKS: dict[str, Check] = {
     "num_workers": _integer(1, optional=True, hint="e.g. 4, or null for one per CPU"),
     "exposure_tolerance": _number(0, strict=False, hint="e.g. 0.01 (seconds)"),
     "temperature_tolerance": _number(0, strict=False, hint="e.g. 2.0 (degrees C)"),
+    "scheduler": _scheduler,
 }
 
 
@@ -324,6 +349,11 @@ class Settings:
         Seconds; two exposures are equal when ``|a - b| <= max(tol, 1e-3 * max(a, b))``.
     temperature_tolerance : float
         Degrees C; two sensor temperatures are equal when ``|a - b| <= tol``.
+    scheduler : str or None
+        Where masters are built: None (default, also written ``threads``) on this machine's
+        threads; ``local:N`` on a `distributed.LocalCluster` of N worker processes; or the
+        address of a running Dask scheduler (``tcp://host:8786``, ``tls://``, ``ucx://``),
+        whose workers must see the input and output paths (`stacker.cluster`).
 
     Notes
     -----
@@ -359,6 +389,7 @@ class Settings:
     num_workers: int | None = None
     exposure_tolerance: float = 0.01
     temperature_tolerance: float = 2.0
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

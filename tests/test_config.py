@@ -86,6 +86,7 @@ NON_DEFAULTS = {
     "num_workers": (4, 4),
     "exposure_tolerance": (0.5, 0.5),
     "temperature_tolerance": (1, 1.0),
+    "scheduler": ("local:2", "local:2"),
 }
 
 
@@ -108,7 +109,7 @@ def error_of(config=None, overrides=None) -> str:
 def test_every_field_has_a_check_and_known_keys_match_fields():
     names = tuple(f.name for f in dataclasses.fields(Settings))
     assert tuple(_CHECKS) == names == KNOWN_KEYS
-    assert len(KNOWN_KEYS) == len(set(KNOWN_KEYS)) == 27
+    assert len(KNOWN_KEYS) == len(set(KNOWN_KEYS)) == 28
 
 
 @pytest.mark.parametrize(("key", "value"), SEED_DEFAULTS.items())
@@ -328,7 +329,7 @@ def test_unknown_key_suggests_closest(typo, suggestion):
 def test_unknown_key_without_close_match_lists_valid_keys():
     message = error_of({"master_frames": {"zzz": 1}})
     assert message.startswith("unknown key master_frames.zzz; valid keys: output_dir, ")
-    assert message.endswith("temperature_tolerance")
+    assert message.endswith("temperature_tolerance, scheduler")
 
 
 def test_several_unknown_keys_are_all_named(tmp_path):
@@ -387,6 +388,8 @@ def test_config_of_wrong_type():
     assert error_of(3.5) == "config must be a YAML file path or a mapping, not float"
 
 
+SCHEDULER_HINT = ("write local:N (N worker processes on this machine), the address of a running "
+                  "Dask scheduler such as tcp://host:8786, or null (threads on this machine)")
 BAD_VALUES = [
     ("rejection_method", "kappa", "'kappa' is not one of sigma_clip, minmax, median, mean"),
     (
@@ -418,6 +421,8 @@ BAD_VALUES = [
     ("num_workers", 0, "0 must be >= 1; e.g. 4, or null for one per CPU"),
     ("exposure_tolerance", -0.1, "-0.1 must be >= 0; e.g. 0.01 (seconds)"),
     ("temperature_tolerance", float("inf"), "inf is not a number; e.g. 2.0 (degrees C)"),
+    ("scheduler", "local:0", "'local:0' is not a scheduler; " + SCHEDULER_HINT),
+    ("scheduler", "http://host:8786", "'http://host:8786' is not a scheduler; " + SCHEDULER_HINT),
     ("output_dir", None, "None is not a folder path; write e.g. master_frames"),
     ("output_dir", "  ", "'  ' is not a folder path; write e.g. master_frames"),
     ("bias_dir", 5, "5 is not a folder path; write e.g. frames/bias, or null"),
@@ -651,6 +656,9 @@ VALID_VALUES = {
     "num_workers": st.none() | st.integers(min_value=1, max_value=256),
     "exposure_tolerance": _tolerance,
     "temperature_tolerance": _tolerance,
+    "scheduler": st.none() | st.integers(1, 64).map("local:{}".format)
+    | st.sampled_from(["tcp://127.0.0.1:8786", "tls://scheduler.example.org:8786",
+                       "ucx://10.0.0.1:13337"]),
 }
 
 
@@ -708,3 +716,19 @@ def test_the_shipped_config_file_is_every_default():
     for key in KNOWN_KEYS:
         if key != "output_dir":  # relative to the file's folder
             assert getattr(settings, key) == getattr(defaults, key), key
+
+
+@pytest.mark.parametrize(("written", "stored"), [
+    (None, None), ("threads", None), (" Threads ", None), ("local:1", "local:1"),
+    ("LOCAL:04", "local:4"), ("tcp://127.0.0.1:8786", "tcp://127.0.0.1:8786"),
+    ("tls://scheduler.example.org:8786", "tls://scheduler.example.org:8786"),
+])
+def test_scheduler_values(written, stored):
+    assert Settings(scheduler=written).scheduler == stored
+
+
+def test_a_typed_scheduler_flag_overrides_the_yaml_even_back_to_threads():
+    config = {"master_frames": {"scheduler": "tcp://10.0.0.5:8786"}}
+    assert load_settings(config, {"scheduler": "local:2"}).scheduler == "local:2"
+    assert load_settings(config, {"scheduler": "threads"}).scheduler is None
+    assert load_settings(config, {"scheduler": None}).scheduler == "tcp://10.0.0.5:8786"
