@@ -119,6 +119,11 @@ def masters(
         "--memory-limit", help="Memory budget, e.g. 2GB or 512MB.")] = None,
     output_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         "--output-dir", "-o", help="Output folder (overrides master_frames.output_dir).")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--scheduler", metavar="ADDRESS",
+        help="Build on Dask: local:N (N worker processes here) or a scheduler address "
+             "(tcp://host:8786) whose workers see the same paths; 'threads' = this machine.")]
+    = None,
     debug: DebugOpt = False,
     log_level: LevelOpt = None,
 ) -> None:
@@ -133,6 +138,7 @@ def masters(
         "memory_limit": memory_limit,
         "output_dir": output_dir.resolve() if output_dir else None,
         "log_level": level,
+        "scheduler": scheduler,
     }
     with _Progress() as progress:
         creator = _creator(config, overrides, debug, progress)

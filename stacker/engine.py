@@ -43,6 +43,7 @@ from stacker.qc import sample_frames, verdict
 
 if TYPE_CHECKING:
     from astropy.io.fits import Header
+    from distributed import Client
 
     from stacker.config import Settings
 
@@ -84,8 +85,8 @@ class MasterResult:
         return out
 
 
-def run_plan(plan: Plan, settings: Settings, *,
-             progress: ProgressFn | None = None) -> list[MasterResult]:
+def run_plan(plan: Plan, settings: Settings, *, progress: ProgressFn | None = None,
+             client: Client | None = None) -> list[MasterResult]:
     """Build every buildable job of `plan` in dependency order.
 
     Parameters
@@ -96,19 +97,29 @@ def run_plan(plan: Plan, settings: Settings, *,
         Output folder, rejection, normalization, memory budget, workers.
     progress : callable, optional
         ``progress(job_id, done, total)`` as strips finish.
+    client : distributed.Client, optional
+        Build on this Dask cluster (`stacker.cluster`) instead of this process's threads.
     """
-    check_budget(plan, settings)
+    if client is None:
+        check_budget(plan, settings)
+    else:
+        from stacker import cluster
+
+        check_budget(plan, cluster.budget_settings(client, settings))
     out_dir = Path(settings.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir = out_dir if settings.save_individual_masters else _work_dir(out_dir, plan)
-    built: dict[str, Path] = {}
-    results: list[MasterResult] = []
-    for job in plan.jobs:
-        if job.refused is not None:
-            log.warning("%s not built: %s", job.id, job.refused)
-            results.append(_result(job, "refused", error=job.refused))
-            continue
-        results.append(_run_job(job, settings, work_dir, built, progress))
+    if client is not None:
+        results = cluster.run_jobs(client, plan, settings, work_dir, progress)
+    else:
+        built: dict[str, Path] = {}
+        results = []
+        for job in plan.jobs:
+            if job.refused is not None:
+                log.warning("%s not built: %s", job.id, job.refused)
+                results.append(_result(job, "refused", error=job.refused))
+                continue
+            results.append(_run_job(job, settings, work_dir, built, progress))
     if not settings.save_individual_masters:
         results = _assemble_results(results, out_dir, plan, work_dir)
     return results
