@@ -3,6 +3,7 @@
     python -m benchmarks                      # N=50 and N=200 darks of 4096x4096 uint16
     python -m benchmarks --frames 50 --size 1024x1024 --methods sigma_clip
     python -m benchmarks --full-frame         # 200 x 9576x6388 (24 GB of input), by hand
+    python -m benchmarks --cluster            # also each case on a 2-worker LocalCluster
 
 Data sets are simulated once with `stacker simulate` and cached under benchmarks/data/.
 Each case runs in its own process; its wall time and peak resident memory (ru_maxrss of
@@ -36,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="frame counts at which ccdproc runs ('' to skip; it is slow)")
     p.add_argument("--flat-frames", default="50",
                    help="frame counts for the flat case ('' to skip)")
+    p.add_argument("--cluster", action="store_true",
+                   help="also build each stacker case on a 2-worker dask LocalCluster")
     p.add_argument("--no-siril", action="store_true",
                    help="skip Siril even when siril-cli is installed (apt install siril)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="cache of simulated sets")
@@ -123,6 +126,10 @@ def main(argv=None) -> None:
                 results.append({**row, "case": f"stacker {limit}", "method": method,
                                 **run_case("stacker", files, work / f"s{n}{method}{limit}",
                                            method=method, memory_limit=limit)})
+            if args.cluster:
+                results.append({**row, "case": "cluster 2 workers", "method": method,
+                                **run_case("cluster", files, work / f"k{n}{method}",
+                                           method=method, memory_limit=limits[-1])})
             if method == "sigma_clip" and shutil.which("siril-cli") and not args.no_siril:
                 results.append({**row, "case": "siril", "method": method,
                                 **run_case("siril", files, work / f"siril{n}")})
@@ -183,6 +190,15 @@ def report(results: list[dict], limits: list[str]) -> str:
                 lines.append(f"- stacker {limits[-1]} / Siril (sigma_clip, N={r['n']}): "
                              f"{ours['seconds'] / r['seconds']:.2f}x time, "
                              f"{ours['peak_bytes'] / r['peak_bytes']:.2f}x peak memory")
+        if r["case"] == "cluster 2 workers" and "seconds" in r:
+            ours = _find(results, r["n"], f"stacker {limits[-1]}", r["method"])
+            if ours:
+                ratio, start = r["seconds"] / ours["seconds"], r["startup_seconds"]
+                lines.append(f"- cluster 2 workers / stacker {limits[-1]} threads "
+                             f"({r['method']}, N={r['n']}): {ratio:.2f}x time "
+                             f"({(r['seconds'] + start) / ours['seconds']:.2f}x with the "
+                             f"cluster's {start:.1f} s start-up); "
+                             f"{compare(r['output'], ours['output'])}")
         if r["case"] == "stacker flats" and "seconds" in r:
             dark = _find(results, r["n"], f"stacker {limits[-1]}", "sigma_clip")
             if dark:

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stacker.config import Settings, load_settings
 from stacker.errors import StackerError
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 log = logging.getLogger("stacker")
 
@@ -98,6 +102,10 @@ class MasterFrameCreator:
         Settings that win over the config (the CLI's typed flags); None values are ignored.
     progress : callable, optional
         ``progress(job_id, done, total)`` while masters are built.
+    client : distributed.Client, optional
+        Build on this Dask cluster; it is used as given and left open. Without it, the
+        ``scheduler`` setting decides (a cluster started or connected to for each call, and
+        closed after it), else this machine's threads.
 
     Raises
     ------
@@ -107,10 +115,12 @@ class MasterFrameCreator:
 
     def __init__(self, config: str | Path | Mapping | Settings | None = None,
                  logger: logging.Logger | None = None, *,
-                 overrides: Mapping[str, Any] | None = None, progress=None) -> None:
+                 overrides: Mapping[str, Any] | None = None, progress=None,
+                 client: Client | None = None) -> None:
         self.settings = load_settings(config, overrides)
         self.logger = logger
         self.progress = progress
+        self.client = client
         self._runs: list[dict[str, Any]] = []
 
     # -- the seed's API ------------------------------------------------------------------
@@ -211,7 +221,9 @@ class MasterFrameCreator:
                 log.info("plan:\n%s", plan.describe())
                 from stacker.engine import run_plan
 
-                results = run_plan(plan, self.settings, progress=self.progress)
+                with self._scheduler() as client:
+                    results = run_plan(plan, self.settings, progress=self.progress,
+                                       client=client)
                 # Master metrics and the bad-pixel mask are quality control's third level.
                 quality = _quality(results, plan, self.settings) \
                     if self.settings.quality_control else {}
@@ -277,6 +289,19 @@ class MasterFrameCreator:
 
     def _logging(self):
         return _RunLogging(self.settings, self.logger)
+
+    @contextmanager
+    def _scheduler(self) -> Iterator[Client | None]:
+        """The Dask client of this run: the caller's, one made for `scheduler`, or None."""
+        if self.client is None and self.settings.scheduler is None:
+            yield None
+            return
+        from stacker import cluster
+
+        with (nullcontext(self.client) if self.client is not None
+              else cluster.connect(self.settings.scheduler, self.settings)) as client:
+            log.info("%s", cluster.describe(client))
+            yield client
 
 
 def _quality(results, plan, settings: Settings) -> dict[str, Any]:

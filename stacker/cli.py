@@ -122,6 +122,11 @@ def masters(
     force: Annotated[bool, typer.Option(
         "--force", help="Rebuild masters that are already up to date in the output folder.")]
     = False,
+    scheduler: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--scheduler", metavar="ADDRESS",
+        help="Build on Dask: local:N (N worker processes here) or a scheduler address "
+             "(tcp://host:8786) whose workers see the same paths; 'threads' = this machine.")]
+    = None,
     debug: DebugOpt = False,
     log_level: LevelOpt = None,
 ) -> None:
@@ -143,6 +148,7 @@ def masters(
         "output_dir": output_dir.resolve() if output_dir else None,
         "log_level": level,
         "force": True if force else None,
+        "scheduler": scheduler,
     }
     with _Progress() as progress:
         creator = _creator(config, overrides, debug, progress)

@@ -48,6 +48,7 @@ __all__ = [
     "LOG_LEVELS",
     "NORMALIZATION_METHODS",
     "REJECTION_METHODS",
+    "SCHEDULER_SCHEMES",
     "SECTION",
     "SIGMA_CENTERS",
     "SIGMA_STDDEVS",
@@ -63,6 +64,8 @@ NORMALIZATION_METHODS = ("mean", "median", "max")
 SIGMA_CENTERS = ("median", "mean")
 SIGMA_STDDEVS = ("std", "mad_std")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: Protocols of a dask.distributed scheduler address (``tcp://host:8786``).
+SCHEDULER_SCHEMES = ("tcp", "tls", "ucx")
 
 _SIZE_HINT = "write e.g. 2GB, 512MB or 1.5GiB"
 _SIZE_RE = re.compile(
@@ -254,6 +257,27 @@ def _size(path: str, value: Any) -> int:
     return parse_size(value, key=path)
 
 
+_SCHEDULER_HINT = ("write local:N (N worker processes on this machine), the address of a running "
+                   "Dask scheduler such as tcp://host:8786, or null (threads on this machine)")
+_ADDRESS_RE = re.compile(rf"^(?:{'|'.join(SCHEDULER_SCHEMES)})://[^\s/]+$", re.IGNORECASE)
+
+
+def _scheduler(path: str, value: Any) -> str | None:
+    # Only the form is checked here: whether a scheduler listens is known when connecting.
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() == "threads":  # lets a typed flag undo a scheduler set in the YAML
+            return None
+        local = re.fullmatch(r"local:(\d+)", text, re.IGNORECASE)
+        if local is not None and int(local[1]) >= 1:
+            return f"local:{int(local[1])}"
+        if _ADDRESS_RE.match(text):
+            return text
+    raise ConfigError(f"{path}: {value!r} is not a scheduler; {_SCHEDULER_HINT}")
+
+
 _SIGMA_HINT = "e.g. 3.0, or null for sigma_threshold"
 # One check per field; Settings.__post_init__ runs them all (a test pins that none is missing).
 _CHECKS: dict[str, Check] = {
@@ -295,6 +319,7 @@ _CHECKS: dict[str, Check] = {
     "qc_dust_depth": _fraction(hint="e.g. 0.01 (1 % dimmer than the smooth flat)"),
     "qc_egain": _number(0, strict=True, optional=True,
                         hint="e.g. 1.0 (e-/ADU), or null to use the EGAIN header"),
+    "scheduler": _scheduler,
 }
 
 
@@ -366,6 +391,11 @@ class Settings:
     qc_egain : float or None
         Conversion gain in e-/ADU for metrics in electrons; None reads EGAIN from the
         frames (GAIN is a camera setting, not e-/ADU, so it is not used).
+    scheduler : str or None
+        Where masters are built: None (default, also written ``threads``) on this machine's
+        threads; ``local:N`` on a `distributed.LocalCluster` of N worker processes; or the
+        address of a running Dask scheduler (``tcp://host:8786``, ``tls://``, ``ucx://``),
+        whose workers must see the input and output paths (`stacker.cluster`).
 
     Notes
     -----
@@ -410,6 +440,7 @@ class Settings:
     qc_low_pixel_level: float = 0.5
     qc_dust_depth: float = 0.01
     qc_egain: float | None = None
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -56,6 +56,7 @@ from stacker.qc import judge, sample_frames
 
 if TYPE_CHECKING:
     from astropy.io.fits import Header
+    from distributed import Client
 
     from stacker.config import Settings
 
@@ -98,8 +99,8 @@ class MasterResult:
         return out
 
 
-def run_plan(plan: Plan, settings: Settings, *,
-             progress: ProgressFn | None = None) -> list[MasterResult]:
+def run_plan(plan: Plan, settings: Settings, *, progress: ProgressFn | None = None,
+             client: Client | None = None) -> list[MasterResult]:
     """Build every buildable job of `plan` in dependency order.
 
     Parameters
@@ -110,8 +111,15 @@ def run_plan(plan: Plan, settings: Settings, *,
         Output folder, rejection, normalization, memory budget, workers.
     progress : callable, optional
         ``progress(job_id, done, total)`` as strips finish.
+    client : distributed.Client, optional
+        Build on this Dask cluster (`stacker.cluster`) instead of this process's threads.
     """
-    check_budget(plan, settings)
+    if client is None:
+        check_budget(plan, settings)
+    else:
+        from stacker import cluster
+
+        check_budget(plan, cluster.budget_settings(client, settings))
     out_dir = Path(settings.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with OutputLock(out_dir):
@@ -121,27 +129,38 @@ def run_plan(plan: Plan, settings: Settings, *,
         if not settings.save_individual_masters and len(current) < len(plan.buildable()):
             current = {}  # one file holds every master: rebuild it whole or not at all
         work_dir = out_dir if settings.save_individual_masters else _work_dir(out_dir, plan)
-        built: dict[str, Path] = dict(current)
-        results: list[MasterResult] = []
-        for job in plan.jobs:
-            if job.refused is not None:
-                log.warning("%s not built: %s", job.id, job.refused)
-                results.append(_result(job, "refused", error=job.refused))
-            elif job.id in current:
-                log.info("%s: up to date in %s (same inputs and settings; --force rebuilds "
-                         "it)", job.id, current[job.id].name)
-                results.append(_result(job, "current", path=current[job.id],
-                                       fingerprint=digests[job.id],
-                                       stats=_stats_from_header(current[job.id], job.id)))
-            else:
-                results.append(_run_job(job, settings, work_dir, built, progress,
-                                        digests[job.id]))
+        done = {job_id: _current_result(plan, job_id, path, digests[job_id])
+                for job_id, path in current.items()}
+        if client is not None:
+            results = cluster.run_jobs(client, plan, settings, work_dir, progress,
+                                       digests=digests, done=done)
+        else:
+            built: dict[str, Path] = dict(current)
+            results = []
+            for job in plan.jobs:
+                if job.refused is not None:
+                    log.warning("%s not built: %s", job.id, job.refused)
+                    results.append(_result(job, "refused", error=job.refused))
+                elif job.id in done:
+                    results.append(done[job.id])
+                else:
+                    results.append(_run_job(job, settings, work_dir, built, progress,
+                                            digests[job.id]))
         if not settings.save_individual_masters:
             if current:
                 shutil.rmtree(work_dir, ignore_errors=True)
             else:
                 results = _assemble_results(results, out_dir, plan, work_dir)
     return results
+
+
+def _current_result(plan: Plan, job_id: str, path: Path, digest: str) -> MasterResult:
+    """The result of a job whose master is already on disk with the same fingerprint."""
+    job = next(j for j in plan.jobs if j.id == job_id)
+    log.info("%s: up to date in %s (same inputs and settings; --force rebuilds it)", job_id,
+             path.name)
+    return _result(job, "current", path=path, fingerprint=digest,
+                   stats=_stats_from_header(path, job_id))
 
 
 def _fingerprints(plan: Plan, settings: Settings) -> dict[str, str]:

@@ -95,6 +95,7 @@ NON_DEFAULTS = {
     "qc_low_pixel_level": (0.3, 0.3),
     "qc_dust_depth": (0.02, 0.02),
     "qc_egain": (1.5, 1.5),
+    "scheduler": ("local:2", "local:2"),
 }
 
 
@@ -396,6 +397,8 @@ def test_config_of_wrong_type():
     assert error_of(3.5) == "config must be a YAML file path or a mapping, not float"
 
 
+SCHEDULER_HINT = ("write local:N (N worker processes on this machine), the address of a running "
+                  "Dask scheduler such as tcp://host:8786, or null (threads on this machine)")
 BAD_VALUES = [
     ("rejection_method", "kappa", "'kappa' is not one of sigma_clip, minmax, median, mean"),
     (
@@ -427,6 +430,8 @@ BAD_VALUES = [
     ("num_workers", 0, "0 must be >= 1; e.g. 4, or null for one per CPU"),
     ("exposure_tolerance", -0.1, "-0.1 must be >= 0; e.g. 0.01 (seconds)"),
     ("temperature_tolerance", float("inf"), "inf is not a number; e.g. 2.0 (degrees C)"),
+    ("scheduler", "local:0", "'local:0' is not a scheduler; " + SCHEDULER_HINT),
+    ("scheduler", "http://host:8786", "'http://host:8786' is not a scheduler; " + SCHEDULER_HINT),
     ("output_dir", None, "None is not a folder path; write e.g. master_frames"),
     ("output_dir", "  ", "'  ' is not a folder path; write e.g. master_frames"),
     ("bias_dir", 5, "5 is not a folder path; write e.g. frames/bias, or null"),
@@ -670,6 +675,9 @@ VALID_VALUES = {
     "qc_low_pixel_level": _fractions,
     "qc_dust_depth": _fractions,
     "qc_egain": st.none() | _positive,
+    "scheduler": st.none() | st.integers(1, 64).map("local:{}".format)
+    | st.sampled_from(["tcp://127.0.0.1:8786", "tls://scheduler.example.org:8786",
+                       "ucx://10.0.0.1:13337"]),
 }
 
 
@@ -740,3 +748,19 @@ def test_the_shipped_config_file_is_every_default():
     for key in KNOWN_KEYS:
         if key != "output_dir":  # relative to the file's folder
             assert getattr(settings, key) == getattr(defaults, key), key
+
+
+@pytest.mark.parametrize(("written", "stored"), [
+    (None, None), ("threads", None), (" Threads ", None), ("local:1", "local:1"),
+    ("LOCAL:04", "local:4"), ("tcp://127.0.0.1:8786", "tcp://127.0.0.1:8786"),
+    ("tls://scheduler.example.org:8786", "tls://scheduler.example.org:8786"),
+])
+def test_scheduler_values(written, stored):
+    assert Settings(scheduler=written).scheduler == stored
+
+
+def test_a_typed_scheduler_flag_overrides_the_yaml_even_back_to_threads():
+    config = {"master_frames": {"scheduler": "tcp://10.0.0.5:8786"}}
+    assert load_settings(config, {"scheduler": "local:2"}).scheduler == "local:2"
+    assert load_settings(config, {"scheduler": "threads"}).scheduler is None
+    assert load_settings(config, {"scheduler": None}).scheduler == "tcp://10.0.0.5:8786"
