@@ -121,9 +121,15 @@ def connect(scheduler: str, settings: Settings) -> Iterator[Client]:
 
 def describe(client: Client) -> str:
     """One line about the cluster: workers, threads and the dashboard link."""
+    import importlib.util
+
     nthreads = client.nthreads()
+    link = client.dashboard_link
+    if client.cluster is not None and importlib.util.find_spec("bokeh") is None:
+        # A LocalCluster's scheduler runs here: without bokeh it serves no dashboard.
+        link = f"{link} (needs bokeh: pip install 'stacker[cluster]')"
     return (f"Dask cluster at {client.scheduler.address}: {len(nthreads)} workers, "
-            f"{sum(nthreads.values())} threads; dashboard {client.dashboard_link}")
+            f"{sum(nthreads.values())} threads; dashboard {link}")
 
 
 def budget_settings(client: Client, settings: Settings) -> Settings:
