@@ -130,23 +130,15 @@ def test_sigkill_mid_write_leaves_only_complete_masters_and_a_rerun_finishes(big
                                                       num_workers=1)))
     assert clean.returncode == 0, clean.stderr
 
-    out = tmp_path / "out"
-    cfg = config(tmp_path, big, out, num_workers=1)
-    proc = subprocess.Popen([sys.executable, "-m", "stacker", "masters", "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    seen = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        # Wait until the second master is being written: one is complete, one is not.
-        parts = list(out.glob(".*.part")) if out.exists() else []
-        if parts and list(out.glob("master_*.fits")):
-            seen = parts[0]
-            os.kill(proc.pid, signal.SIGKILL)
+    # The kill lands between seeing a temp file and its rename with some luck: a few tries
+    # until one leaves a half-written master behind.
+    for attempt in range(5):
+        out = tmp_path / f"out{attempt}"
+        cfg = config(tmp_path, big, out, num_workers=1)
+        killed = _kill_while_writing(cfg, out)
+        if list(out.glob(".*.part")):
             break
-        time.sleep(0.002)
-    proc.wait()
-    assert seen is not None, "the run finished before it could be interrupted"
-    assert proc.returncode == -signal.SIGKILL
+    assert killed, "the run finished before it could be interrupted"
     left = masters(out)
     assert 1 <= len(left) < len(IDS)
     for _, (path, data) in left.items():  # each one complete and readable
@@ -163,6 +155,24 @@ def test_sigkill_mid_write_leaves_only_complete_masters_and_a_rerun_finishes(big
     assert set(final) == set(reference) == IDS
     for job_id, (_, data) in reference.items():
         np.testing.assert_array_equal(final[job_id][1], data, err_msg=job_id)
+
+
+def _kill_while_writing(cfg: Path, out: Path) -> bool:
+    """Start a run and SIGKILL it once one master is complete and another is being written."""
+    proc = subprocess.Popen([sys.executable, "-m", "stacker", "masters", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    killed = False
+    while time.monotonic() < deadline and proc.poll() is None:
+        parts = list(out.glob(".*.part")) if out.exists() else []
+        if parts and list(out.glob("master_*.fits")):
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.002)
+    proc.wait()
+    assert not killed or proc.returncode == -signal.SIGKILL
+    return killed
 
 
 def _limit_file_size():
