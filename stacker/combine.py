@@ -5,6 +5,8 @@ chunk is read by one task that reads that strip from all N files (no `da.stack` 
 per-file arrays and no rechunk, which would build tens of thousands of tasks). The kernel
 reduces each chunk along the frame axis; `da.store` writes each reduced strip into the
 preallocated master file as soon as it is done, so at most `num_workers` strips are held.
+`combine_into` runs that graph in its fused form (one read-reduce-write task per strip)
+without building the array, which spares each run the import of ``dask.array``.
 """
 
 from __future__ import annotations
@@ -89,16 +91,31 @@ def reduce_stack(stack, kernel: Callable, prepare: Prepare | None = None):
 def combine_into(reader: StripReader, writer: MasterWriter, kernel: Callable, rows: int,
                  *, prepare: Prepare | None = None, num_workers: int = 1,
                  callbacks: Sequence = ()) -> None:
-    """Build the master: read, prepare, reduce and store strip by strip, in parallel."""
-    import dask
-    import dask.array as da
+    """Build the master: read, prepare, reduce and store strip by strip, in parallel.
+
+    The graph is the one `frame_stack` -> `reduce_stack` -> ``da.store`` fuses to (one task
+    per strip that reads, reduces and writes it), written out directly and run by Dask's
+    threaded scheduler: the result is the same, and a run does not pay the ~0.3-0.4 s of
+    importing ``dask.array`` (a tenth of a 50-frame master's time).
+    """
+    from dask.threaded import get
 
     strips = plan_strips(reader.shape[1], rows)
-    reduced = reduce_stack(frame_stack(reader, strips), kernel, prepare)
-    with dask.config.set(scheduler="threads", num_workers=num_workers), ExitStack() as stack:
+    graph = {("strip", i): (_strip_task, reader, writer, kernel, prepare, y0, y1)
+             for i, (y0, y1) in enumerate(strips)}
+    with ExitStack() as stack:
         for callback in callbacks:
             stack.enter_context(callback)
-        da.store(reduced, writer, lock=False)
+        get(graph, list(graph), num_workers=num_workers)
+
+
+def _strip_task(reader: StripReader, writer: MasterWriter, kernel: Callable,
+                prepare: Prepare | None, y0: int, y1: int) -> None:
+    block = reader.read(y0, y1)
+    if prepare is not None:
+        block = prepare(block, y0, y1)
+    image, used = kernel(block)
+    writer.write(y0, image, used)
 
 
 def sample_rows(ny: int, nx: int, pixels: int = LEVEL_SAMPLE_PIXELS) -> list[int]:

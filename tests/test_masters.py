@@ -455,3 +455,17 @@ def test_a_file_damaged_after_the_inventory(raw, tmp_path, qc):
     assert job.status == "failed" and victim.name in job.error
     assert not list((tmp_path / "out").glob("master_dark_60*"))
     assert not list((tmp_path / "out").glob(".*.part"))
+
+
+def test_progress_counts_every_strip_of_every_master(raw, tmp_path):
+    seen: dict[str, list[tuple[int, int]]] = {}
+    creator = MasterFrameCreator(config(raw, tmp_path, memory_limit="64kB", num_workers=2),
+                                 progress=lambda job, done, total: seen.setdefault(
+                                     job, []).append((done, total)))
+    status = creator.create_all_master_frames()
+    assert status.success, status.message
+    assert set(seen) == set(built(status))
+    for job_id, calls in seen.items():
+        total = calls[-1][1]
+        assert total > 1, job_id  # a small budget: several strips
+        assert [d for d, _ in calls] == list(range(total + 1)), job_id  # 0, 1, ..., total
