@@ -315,7 +315,7 @@ def build_master(job: Job, settings: Settings, path: Path, calibration: Path | N
         prepare = Prepare(calibration=cal_reader, scales=tuple(scales))
     header = master_header(job, settings, frames, calibration)
     if fingerprint is not None:
-        header[FINGERPRINT_CARD] = (fingerprint, "digest of inputs and settings (for reruns)")
+        header[FINGERPRINT_CARD] = (fingerprint, "inputs+settings digest")
     check_free_space(path.parent, ny * nx * 6 + len(frames) * 400, job.id)
     writer = MasterWriter.create(path, (ny, nx), header, _count_header(),
                                  _inputs_table(frames, levels, scales))

@@ -597,6 +597,14 @@ def write_mask(out_dir: Path, timestamp: str, shape: tuple[int, int], bad: _Bad,
         mask[index] |= LOW_BIT
     n_hot = int(np.count_nonzero(mask & HOT_BIT))
     n_low = int(np.count_nonzero(mask & LOW_BIT))
+    sources = bad.sources.get(shape, [])
+    summary = {"shape": [ny, nx], "hot_pixels": n_hot, "low_pixels": n_low, "sources": sources}
+    digest = _mask_digest(mask, sources)
+    same = _existing_mask(out_dir, digest)
+    if same is not None:
+        # A rerun whose masters were all up to date finds the same mask: keep that file.
+        log.info("bad-pixel mask: up to date in %s", same.name)
+        return {"path": str(same), **summary}
     name = f"bad_pixel_mask_{nx}x{ny}_{timestamp}.fits" if many else \
         f"bad_pixel_mask_{timestamp}.fits"
     header = fits.Header()
@@ -606,7 +614,8 @@ def write_mask(out_dir: Path, timestamp: str, shape: tuple[int, int], bad: _Bad,
     header["NHOT"] = (n_hot, "hot pixels")
     header["NLOW"] = (n_low, "dead or low pixels")
     header["CREATOR"] = f"stacker {__version__}"
-    for source in bad.sources.get(shape, []):
+    header[MASK_CARD] = (digest, "digest, for reruns")
+    for source in sources:
         header.add_history(f"from master {source}")
     path = out_dir / name
     temp = path.with_name(f".{name}.part")
@@ -617,5 +626,28 @@ def write_mask(out_dir: Path, timestamp: str, shape: tuple[int, int], bad: _Bad,
         temp.unlink(missing_ok=True)
         raise
     log.info("bad-pixel mask: %d hot, %d dead/low -> %s", n_hot, n_low, path.name)
-    return {"path": str(path), "shape": [ny, nx], "hot_pixels": n_hot, "low_pixels": n_low,
-            "sources": bad.sources.get(shape, [])}
+    return {"path": str(path), **summary}
+
+
+#: FITS card of a mask's digest.
+MASK_CARD = "MASKFP"
+
+
+def _mask_digest(mask: np.ndarray, sources: list[str]) -> str:
+    import hashlib
+
+    h = hashlib.sha1(mask.tobytes())  # identity, not security
+    h.update("\n".join(sources).encode())
+    return h.hexdigest()
+
+
+def _existing_mask(out_dir: Path, digest: str) -> Path | None:
+    from astropy.io import fits
+
+    for path in sorted(out_dir.glob("bad_pixel_mask_*.fits")):
+        try:
+            if fits.getheader(path).get(MASK_CARD) == digest:
+                return path
+        except (OSError, ValueError):
+            continue
+    return None

@@ -207,3 +207,18 @@ def test_output_inside_an_input_folder_is_refused(raw, tmp_path):
     assert proc.returncode == 2
     assert "is inside master_frames.darks_dir" in proc.stderr
     assert not (raw / "darks" / "out").exists()
+
+
+def test_a_rerun_keeps_the_bad_pixel_mask_and_rewrites_the_report(raw, tmp_path):
+    cfg = config(tmp_path, raw, tmp_path / "out")
+    assert stacker("masters", "--config", str(cfg)).returncode == 0
+    masks = list((tmp_path / "out").glob("bad_pixel_mask_*.fits"))
+    time.sleep(1.1)
+    rerun = stacker("masters", "--config", str(cfg))
+    assert "bad-pixel mask: up to date" in rerun.stderr
+    assert list((tmp_path / "out").glob("bad_pixel_mask_*.fits")) == masks
+    import json
+
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["counts"]["n_up_to_date"] == len(IDS)
+    assert all(m["metrics"] for m in report["masters"])  # measured again from the files
