@@ -197,7 +197,9 @@ def plan(
         if debug:
             raise
         raise _fail(str(exc), exc.exit_code) from None
-    typer.echo(the_plan.describe())
+    from stacker.engine import up_to_date
+
+    typer.echo(the_plan.describe(up_to_date(the_plan, s)))
 
 
 @app.command()

@@ -184,6 +184,17 @@ def _stats_from_header(path: Path, job_id: str) -> dict[str, Any]:
     return {key.lower(): header[key] for key in (*STAT_CARDS, "NORMFACT") if key in header}
 
 
+def up_to_date(plan: Plan, settings: Settings) -> dict[str, Path]:
+    """Masters of `plan` already in the output folder with the same fingerprint.
+
+    These are what `run_plan` keeps instead of building (none with ``force``).
+    """
+    out_dir = Path(settings.output_dir)
+    if settings.force or not out_dir.is_dir():
+        return {}
+    return _current_masters(plan, out_dir, _fingerprints(plan, settings))
+
+
 def _current_masters(plan: Plan, out_dir: Path, digests: dict[str, str]) -> dict[str, Path]:
     index = MasterIndex.scan(out_dir)
     current = {}

@@ -96,13 +96,19 @@ class Plan:
         """Jobs that will run, in dependency order."""
         return [j for j in self.jobs if j.refused is None]
 
-    def describe(self) -> str:
-        """A text table of the plan: groups, frame counts, dependencies, output names."""
+    def describe(self, current: dict[str, Path] | None = None) -> str:
+        """A text table of the plan: groups, frame counts, dependencies, output names.
+
+        `current` maps job ids to masters already up to date on disk (they are kept).
+        """
+        current = current or {}
         rows = [("job", "frames", "exposure", "depends on", "output")]
         for j in self.jobs:
             exp = f"{j.exptime:.3f}s" if j.exptime is not None else "-"
             dep = j.calibration.describe() if j.calibration else "-"
             out = j.output_name if j.refused is None else f"NOT BUILT: {j.refused}"
+            if j.id in current:
+                out = f"up to date: {current[j.id].name}"
             rows.append((j.id, str(len(j.frames)), exp, dep, out))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]

@@ -222,3 +222,13 @@ def test_a_rerun_keeps_the_bad_pixel_mask_and_rewrites_the_report(raw, tmp_path)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["counts"]["n_up_to_date"] == len(IDS)
     assert all(m["metrics"] for m in report["masters"])  # measured again from the files
+
+
+def test_plan_shows_which_masters_are_up_to_date(raw, tmp_path):
+    cfg = config(tmp_path, raw, tmp_path / "out")
+    before = stacker("plan", "--config", str(cfg))
+    assert "up to date" not in before.stdout
+    assert stacker("masters", "--config", str(cfg)).returncode == 0
+    after = stacker("plan", "--config", str(cfg))
+    assert after.returncode == 0
+    assert after.stdout.count("up to date: master_") == len(IDS)
