@@ -135,7 +135,8 @@ def _measure(r: MasterResult, job, built, bias, settings: Settings, bad: _Bad
         if bias is not None:
             b = image_frame(bias.path, locate(bias.path, bias.job_id)[0])
             bias_image = b if b.shape == image.shape else None
-        m, hot = dark_metrics(image, r.exptime or 0.0, bias_image, rows, settings, egain)
+        m, hot = dark_metrics(image, r.exptime or 0.0, bias_image, rows, settings, egain,
+                              used)
         out.update(m)
         bad.add("hot", image.shape, hot, r.job_id)
     else:
@@ -282,12 +283,56 @@ def _residual_spread(image: Frame, rows: int, step: int, subtract: Frame | None)
     return clipped_stats(np.concatenate(sample))[1]
 
 
+#: Below this many darks, rejection cannot remove every cosmic ray: hot pixel candidates
+#: are checked in the frames themselves (`persistent`).
+FEW_DARKS = 10
+
+
+def persistent(index: np.ndarray, level: np.ndarray, excess: np.ndarray,
+               frames: Sequence[Frame], bias: Frame | None) -> np.ndarray:
+    """Which hot-pixel candidates are hot in the frames themselves, not in one of them.
+
+    Each candidate's value is read from every frame (one small read per pixel and frame).
+    A hot pixel exceeds its neighbours' `level` by about its master `excess` in every frame,
+    so the median over the frames is near `excess`; a cosmic ray lifts one frame only, and
+    the median stays near the level. A candidate is kept when the median over the frames
+    exceeds half its master excess. Compressed frames cannot be read per pixel: their
+    candidates are all kept.
+    """
+    plain = [f for f in frames if not f.compressed]
+    if not plain:
+        return np.ones(index.size, bool)
+    base = level + (pixel_values(bias, index) if bias is not None else 0.0)
+    values = np.stack([pixel_values(frame, index) - base for frame in plain])
+    return np.median(values, axis=0) > 0.5 * excess
+
+
+def pixel_values(frame: Frame, index: np.ndarray) -> np.ndarray:
+    """The physical values of the pixels at flat `index` of an uncompressed frame."""
+    from stacker.io import _to_physical
+
+    size = abs(frame.bitpix) // 8
+    raw = bytearray(index.size * size)
+    fd = os.open(frame.path, os.O_RDONLY)
+    try:
+        for k, i in enumerate(index.tolist()):
+            raw[k * size:(k + 1) * size] = os.pread(fd, size, frame.data_offset + i * size)
+    finally:
+        os.close(fd)
+    stored = np.frombuffer(bytes(raw), dtype=frame.stored_dtype).reshape(1, -1)
+    out = np.empty(stored.shape, np.float32)
+    _to_physical(frame, stored, out)
+    return out.ravel().astype(np.float64)
+
+
 def dark_metrics(image: Frame, exptime: float, bias: Frame | None, rows: int,
-                 settings: Settings, egain: float | None) -> tuple[dict[str, Any], np.ndarray]:
+                 settings: Settings, egain: float | None,
+                 frames: Sequence[Frame] | None = None) -> tuple[dict[str, Any], np.ndarray]:
     """Dark current, hot pixels and amp glow of a master dark; also the hot pixels' indices.
 
     Without a master bias the dark current cannot be told from the bias level and is not
-    given; hot pixels and amp glow (differences within the image) still are.
+    given; hot pixels and amp glow (differences within the image) still are. With fewer
+    than `FEW_DARKS` input `frames`, a hot pixel must also be high in most of them.
     """
     ny, nx = image.shape
     sampled = sample_rows(ny, nx)
@@ -299,11 +344,19 @@ def dark_metrics(image: Frame, exptime: float, bias: Frame | None, rows: int,
     current = median / t if (t and bias is not None) else None
     spread = _residual_spread(image, rows, 1, bias)
     threshold = settings.qc_hot_sigma * spread
-    hot = []
-    for y0, _, _, res in _residual_pass(image, rows, 1, bias):
+    hot, levels, excess = [], [], []
+    for y0, _, vals, res in _residual_pass(image, rows, 1, bias):
         idx = np.flatnonzero(res > threshold)
         hot.append(idx + y0 * nx)
+        levels.append((vals - res).ravel()[idx])  # the neighbours' level at each candidate
+        excess.append(res.ravel()[idx])
     hot_index = np.concatenate(hot) if hot else np.empty(0, np.int64)
+    cosmic = 0
+    if frames is not None and 0 < len(frames) < FEW_DARKS and hot_index.size:
+        keep = persistent(hot_index, np.concatenate(levels), np.concatenate(excess), frames,
+                          bias)
+        cosmic = int(hot_index.size - np.count_nonzero(keep))
+        hot_index = hot_index[keep]
     glow = amp_glow(image, bias)
     per_s = 1.0 / t if t else None
     out = {
@@ -312,6 +365,7 @@ def dark_metrics(image: Frame, exptime: float, bias: Frame | None, rows: int,
         "dark_level_adu": median,
         "hot_pixel_threshold_adu": float(threshold),
         "hot_pixels": int(hot_index.size), "hot_pixel_fraction": hot_index.size / (ny * nx),
+        "hot_candidates_not_persistent": cosmic,
         "amp_glow": {
             "corners_adu": glow["corners"], "centre_adu": glow["centre"],
             "excess_adu": glow["excess"], "corner": glow["corner"],

@@ -151,3 +151,20 @@ def test_neighbour_median_and_dust_finder_on_synthetic_maps():
     assert found["shadows"][0]["x"] == pytest.approx(40, abs=1)
     assert found["shadows"][0]["y"] == pytest.approx(25, abs=1)
     assert find_dust(1 - 0.2 * ((yy - 20) ** 2 + (xx - 30) ** 2) / 1300, 1, 0.01)["count"] == 0
+
+
+def test_with_few_darks_cosmic_rays_are_not_counted_as_hot_pixels(tmp_path):
+    """Four darks cannot reject a cosmic ray, so it lifts the master; it is high in one frame
+    only, where a hot pixel is high in all of them."""
+    camera = CameraModel(shape=(128, 192), hot_pixel_fraction=0.002, dark_current_e=0.05)
+    spec = SimulationSpec(camera=camera, n_bias=8, dark_exposures=(120.0,), n_darks=4,
+                          n_flats=0, seed=9, cosmic_rate=20.0)
+    truth = simulate(tmp_path / "raw", spec)
+    cfg = {"master_frames": {"bias_dir": str(tmp_path / "raw" / "bias"),
+                             "darks_dir": str(tmp_path / "raw" / "darks"),
+                             "output_dir": str(tmp_path / "out"), "min_frames": 3}}
+    status = MasterFrameCreator(cfg).create_all_master_frames()
+    assert status.success, status.message
+    m = metrics(status, "dark_120.000s")
+    assert m["hot_candidates_not_persistent"] > 20  # the cosmic rays that survived
+    assert truth.params["hot_pixels"] <= m["hot_pixels"] <= truth.params["hot_pixels"] + 3
