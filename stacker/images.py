@@ -101,9 +101,17 @@ def block_mean(frame: Frame, factor: int, rows: int) -> np.ndarray:
 def _blocks(data: np.ndarray, f: int) -> np.ndarray:
     h, w = data.shape
     ph, pw = -(-h // f) * f, -(-w // f) * f
-    if (ph, pw) == (h, w) and not np.isnan(data).any():
-        # The common case, without nanmean's copies: a float64 sum over each block.
-        return data.reshape(h // f, f, w // f, f).sum(axis=(1, 3), dtype=np.float64) / (f * f)
+    if not np.isnan(data).any():
+        # The common case, without nanmean's copies: float64 sums over zero-padded blocks,
+        # divided by the number of real pixels in each (fewer in the last row and column).
+        padded = np.zeros((ph, pw), np.float64)
+        padded[:h, :w] = data
+        sums = padded.reshape(ph // f, f, pw // f, f).sum(axis=(1, 3))
+        rows = np.full(ph // f, f, np.float64)
+        rows[-1] = h - (ph // f - 1) * f
+        cols = np.full(pw // f, f, np.float64)
+        cols[-1] = w - (pw // f - 1) * f
+        return sums / np.outer(rows, cols)
     data = data.astype(np.float64)
     padded = np.full((ph, pw), np.nan)
     padded[:h, :w] = data

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from stacker import MasterFrameCreator
 from stacker.report import SCHEMA_VERSION, png
@@ -147,3 +150,23 @@ def test_report_renders_in_a_headless_browser(run, tmp_path):
                     f"--screenshot={shot}", "--window-size=1200,2400",
                     (out / "report.html").as_uri()], capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 20_000  # a page with pictures, not blank
+
+
+@settings(max_examples=100, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 40), st.integers(1, 40)),
+              elements=st.floats(-1e4, 1e4, width=32) | st.just(np.nan)),
+       st.integers(1, 9))
+def test_block_means_match_nanmean_of_the_padded_image(data, factor):
+    """Preview blocks: the fast path (no NaN, ragged edges) equals the plain definition."""
+    import warnings
+
+    from stacker.images import _blocks
+
+    h, w = data.shape
+    ph, pw = -(-h // factor) * factor, -(-w // factor) * factor
+    padded = np.full((ph, pw), np.nan)
+    padded[:h, :w] = data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = np.nanmean(padded.reshape(ph // factor, factor, pw // factor, factor), axis=(1, 3))
+    np.testing.assert_allclose(_blocks(data, factor), want, rtol=1e-9, atol=1e-6)
