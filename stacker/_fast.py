@@ -65,6 +65,9 @@ def _median(values, m, work):  # pragma: no cover - compiled
     return 0.5 * (np.float64(a) + np.float64(b))
 
 
+#: Whole-number values a bracketed median may count instead of selecting (`_integer_median`).
+HIST_BINS = 64
+
 #: Bytes of one tile (pixels x frames), so that it stays in cache while it is transposed
 #: and read back: 16-64 pixels, fewer as frames grow (32 KiB measured best at N=50 and 200).
 TILE_BYTES = 32768
@@ -131,7 +134,7 @@ def sigma_clip(block, sigma_low, sigma_high, center_mean, mad, max_iterations,
     """Iterative sigma clipping of every pixel (see `stacker.kernels.SigmaClip`)."""
     n, h, w = block.shape
     buf = np.empty(n, np.float32)
-    work = np.empty(n, np.float32)
+    work = np.empty(n + HIST_BINS, np.float32)  # the tail is `_bracket_median`'s histogram
     width = _tile_width(n)
     tile = np.empty((width, n), np.float32)
     for y in range(h):
@@ -177,6 +180,10 @@ def _bracket_median(src, m, centre, sd, work):  # pragma: no cover - compiled
             work[c] = v
             c += (v >= p1) & (v <= p2)
     if half > 0 and low <= k1 and k2 < low + c:
+        if work.size >= src.size + HIST_BINS:
+            found, med = _integer_median(work, c, p1, p2, k1 - low, k2 - low)
+            if found:
+                return med
         a = _select(work, 0, c, k1 - low)
         if k1 == k2:
             return np.float64(a)
@@ -191,6 +198,39 @@ def _bracket_median(src, m, centre, sd, work):  # pragma: no cover - compiled
             work[c] = v
             c += 1
     return _median(work, c, work)
+
+
+@njit(nogil=True, cache=True)
+def _integer_median(work, c, p1, p2, r1, r2):  # pragma: no cover - compiled
+    """Ranks r1 and r2 of the c values in work[:c], when they are whole numbers in [p1, p2].
+
+    Camera data are whole ADU, and the bracket around the mean spans only a few of them:
+    counting each integer (in the tail of `work`) finds the middle ranks without the
+    branch mispredictions of a selection (about 150 ns a pixel at N=50). Returns
+    (False, 0.0) when a value is not whole or the span is too wide; the caller selects.
+    """
+    base = np.floor(p1)
+    span = int(np.floor(p2) - base) + 1
+    if span > HIST_BINS:
+        return False, 0.0
+    hist = work[work.size - HIST_BINS:]
+    for t in range(span):
+        hist[t] = 0.0
+    for i in range(c):
+        v = work[i]
+        t = int(v - base)
+        if np.float64(t) + base != v:
+            return False, 0.0
+        hist[t] += 1.0
+    cum = 0.0
+    a = -1.0
+    for t in range(span):
+        cum += hist[t]
+        if a < 0 and cum > r1:
+            a = base + t
+        if cum > r2:
+            return True, 0.5 * (a + (base + t))
+    return False, 0.0
 
 
 @njit(nogil=True, cache=True)
