@@ -199,7 +199,8 @@ def plan(
         raise _fail(str(exc), exc.exit_code) from None
     from stacker.engine import up_to_date
 
-    typer.echo(the_plan.describe(up_to_date(the_plan, s)))
+    current = {job_id: existing.path for job_id, existing in up_to_date(the_plan, s).items()}
+    typer.echo(the_plan.describe(current))
 
 
 @app.command()

@@ -171,7 +171,7 @@ def run_jobs(client: Client, plan: Plan, settings: Settings, work_dir: Path,
     """
     from distributed import as_completed
 
-    from stacker.engine import _result
+    from stacker.engine import settled
 
     run = uuid.uuid4().hex[:8]
     topic = f"stacker-progress-{run}"
@@ -185,12 +185,9 @@ def run_jobs(client: Client, plan: Plan, settings: Settings, work_dir: Path,
     done = done or {}
     digests = digests or {}
     for job in plan.jobs:
-        if job.refused is not None:
-            log.warning("%s not built: %s", job.id, job.refused)
-            results[job.id] = _result(job, "refused", error=job.refused)
-            continue
-        if job.id in done:
-            results[job.id] = done[job.id]
+        result = settled(job, done)
+        if result is not None:
+            results[job.id] = result
             continue
         known = {d: done[d].path for d in job.depends_on if d in done}
         deps = [futures[d] for d in job.depends_on if d in futures]

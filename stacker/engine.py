@@ -42,6 +42,7 @@ from stacker.io import (
 from stacker.io import rows_per_chunk as budget_rows
 from stacker.outdir import (
     FINGERPRINT_CARD,
+    Existing,
     MasterIndex,
     OutputLock,
     check_free_space,
@@ -125,27 +126,20 @@ def run_plan(plan: Plan, settings: Settings, *, progress: ProgressFn | None = No
     with OutputLock(out_dir):
         clean_leftovers(out_dir)
         digests = _fingerprints(plan, settings)
-        current = {} if settings.force else _current_masters(plan, out_dir, digests)
+        current = up_to_date(plan, settings, digests)
         if not settings.save_individual_masters and len(current) < len(plan.buildable()):
             current = {}  # one file holds every master: rebuild it whole or not at all
         work_dir = out_dir if settings.save_individual_masters else _work_dir(out_dir, plan)
-        done = {job_id: _current_result(plan, job_id, path, digests[job_id])
-                for job_id, path in current.items()}
+        done = {job.id: _current_result(job, current[job.id], digests[job.id])
+                for job in plan.jobs if job.id in current}
         if client is not None:
             results = cluster.run_jobs(client, plan, settings, work_dir, progress,
                                        digests=digests, done=done)
         else:
-            built: dict[str, Path] = dict(current)
-            results = []
-            for job in plan.jobs:
-                if job.refused is not None:
-                    log.warning("%s not built: %s", job.id, job.refused)
-                    results.append(_result(job, "refused", error=job.refused))
-                elif job.id in done:
-                    results.append(done[job.id])
-                else:
-                    results.append(_run_job(job, settings, work_dir, built, progress,
-                                            digests[job.id]))
+            built = {job_id: existing.path for job_id, existing in current.items()}
+            results = [settled(job, done) or _run_job(job, settings, work_dir, built, progress,
+                                                       digests[job.id])
+                       for job in plan.jobs]
         if not settings.save_individual_masters:
             if current:
                 shutil.rmtree(work_dir, ignore_errors=True)
@@ -154,13 +148,20 @@ def run_plan(plan: Plan, settings: Settings, *, progress: ProgressFn | None = No
     return results
 
 
-def _current_result(plan: Plan, job_id: str, path: Path, digest: str) -> MasterResult:
+def settled(job: Job, done: dict[str, MasterResult]) -> MasterResult | None:
+    """The result of a job that is not to be built (refused, or up to date), else None."""
+    if job.refused is not None:
+        log.warning("%s not built: %s", job.id, job.refused)
+        return _result(job, "refused", error=job.refused)
+    return done.get(job.id)
+
+
+def _current_result(job: Job, existing: Existing, digest: str) -> MasterResult:
     """The result of a job whose master is already on disk with the same fingerprint."""
-    job = next(j for j in plan.jobs if j.id == job_id)
-    log.info("%s: up to date in %s (same inputs and settings; --force rebuilds it)", job_id,
-             path.name)
-    return _result(job, "current", path=path, fingerprint=digest,
-                   stats=_stats_from_header(path, job_id))
+    log.info("%s: up to date in %s (same inputs and settings; --force rebuilds it)", job.id,
+             existing.path.name)
+    return _result(job, "current", path=existing.path, fingerprint=digest,
+                   stats=dict(existing.stats))
 
 
 def _fingerprints(plan: Plan, settings: Settings) -> dict[str, str]:
@@ -175,34 +176,20 @@ def _fingerprints(plan: Plan, settings: Settings) -> dict[str, str]:
     return digests
 
 
-def _stats_from_header(path: Path, job_id: str) -> dict[str, Any]:
-    """The statistics cards of a master on disk (the HDU of `job_id` in a multi-file)."""
-    from astropy.io import fits
-
-    with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
-        header = next(h.header for h in hdul if h.header.get("MASTERID") == job_id)
-    return {key.lower(): header[key] for key in (*STAT_CARDS, "NORMFACT") if key in header}
-
-
-def up_to_date(plan: Plan, settings: Settings) -> dict[str, Path]:
+def up_to_date(plan: Plan, settings: Settings,
+               digests: dict[str, str] | None = None) -> dict[str, Existing]:
     """Masters of `plan` already in the output folder with the same fingerprint.
 
-    These are what `run_plan` keeps instead of building (none with ``force``).
+    These are what `run_plan` keeps instead of building (none with ``force``). `digests`
+    are the jobs' fingerprints when the caller has them.
     """
     out_dir = Path(settings.output_dir)
     if settings.force or not out_dir.is_dir():
         return {}
-    return _current_masters(plan, out_dir, _fingerprints(plan, settings))
-
-
-def _current_masters(plan: Plan, out_dir: Path, digests: dict[str, str]) -> dict[str, Path]:
-    index = MasterIndex.scan(out_dir)
-    current = {}
-    for job in plan.buildable():
-        path = index.get(job.id, digests[job.id])
-        if path is not None:
-            current[job.id] = path
-    return current
+    digests = digests or _fingerprints(plan, settings)
+    index = MasterIndex.scan(out_dir, (*STAT_CARDS, "NORMFACT"))
+    found = {job.id: index.get(job.id, digests[job.id]) for job in plan.buildable()}
+    return {job_id: existing for job_id, existing in found.items() if existing is not None}
 
 
 def strip_rows(job: Job, settings: Settings, n_frames: int | None = None) -> int:

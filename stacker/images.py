@@ -99,22 +99,28 @@ def block_mean(frame: Frame, factor: int, rows: int) -> np.ndarray:
 
 
 def _blocks(data: np.ndarray, f: int) -> np.ndarray:
+    """Means of the ``f x f`` blocks of `data`, NaN ignored (an all-NaN block is NaN).
+
+    Sums and counts of the non-NaN pixels over zero-padded blocks: the ragged last row and
+    column of blocks divide by the pixels they have, and nothing goes through ``nanmean``'s
+    copies.
+    """
     h, w = data.shape
     ph, pw = -(-h // f) * f, -(-w // f) * f
-    if not np.isnan(data).any():
-        # The common case, without nanmean's copies: float64 sums over zero-padded blocks,
-        # divided by the number of real pixels in each (fewer in the last row and column).
-        padded = np.zeros((ph, pw), np.float64)
-        padded[:h, :w] = data
-        sums = padded.reshape(ph // f, f, pw // f, f).sum(axis=(1, 3))
+    shape = (ph // f, f, pw // f, f)
+    missing = np.isnan(data)
+    sums = np.zeros((ph, pw), np.float64)
+    sums[:h, :w] = data
+    if missing.any():
+        sums[:h, :w][missing] = 0.0
+        counts = np.zeros((ph, pw), np.float64)
+        counts[:h, :w] = ~missing
+        n = counts.reshape(shape).sum(axis=(1, 3))
+    else:  # the usual strip: every block has f x f pixels but the last row and column
         rows = np.full(ph // f, f, np.float64)
         rows[-1] = h - (ph // f - 1) * f
         cols = np.full(pw // f, f, np.float64)
         cols[-1] = w - (pw // f - 1) * f
-        return sums / np.outer(rows, cols)
-    data = data.astype(np.float64)
-    padded = np.full((ph, pw), np.nan)
-    padded[:h, :w] = data
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN block stays NaN
-        return np.nanmean(padded.reshape(ph // f, f, pw // f, f), axis=(1, 3))
+        n = np.outer(rows, cols)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums.reshape(shape).sum(axis=(1, 3)) / n

@@ -133,15 +133,27 @@ def file_fingerprint(path: Path) -> str:
     return stored or f"{path}:{st.st_size}:{st.st_mtime}"
 
 
+@dataclass(frozen=True)
+class Existing:
+    """A master on disk: its file and the statistics cards of its header (lower-case)."""
+
+    path: Path
+    stats: dict[str, Any]
+
+
 @dataclass
 class MasterIndex:
     """Masters already in an output folder, by (job id, fingerprint)."""
 
-    found: dict[tuple[str, str], Path] = field(default_factory=dict)
+    found: dict[tuple[str, str], Existing] = field(default_factory=dict)
 
     @classmethod
-    def scan(cls, folder: Path) -> MasterIndex:
-        """Read the primary headers (and MEF extension headers) of ``master_*.fits``."""
+    def scan(cls, folder: Path, stat_cards: tuple[str, ...] = ()) -> MasterIndex:
+        """Read the primary headers (and MEF extension headers) of ``master_*.fits``.
+
+        The `stat_cards` of each header are kept, so a master that is reused needs no
+        second read.
+        """
         from astropy.io import fits
 
         index = cls()
@@ -151,12 +163,14 @@ class MasterIndex:
                     for hdu in hdul:
                         h = hdu.header
                         if "MASTERID" in h and FINGERPRINT_CARD in h:
-                            index.found[(str(h["MASTERID"]), str(h[FINGERPRINT_CARD]))] = path
+                            stats = {k.lower(): h[k] for k in stat_cards if k in h}
+                            key = (str(h["MASTERID"]), str(h[FINGERPRINT_CARD]))
+                            index.found[key] = Existing(path, stats)
             except (OSError, ValueError) as exc:
                 log.debug("not indexing %s: %s", path, exc)
         return index
 
-    def get(self, job_id: str, digest: str) -> Path | None:
+    def get(self, job_id: str, digest: str) -> Existing | None:
         """The master of `job_id` built with `digest`, if one is on disk."""
         return self.found.get((job_id, digest))
 

@@ -9,54 +9,22 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from astropy.io import fits
+from helpers import config_file, read_masters, run_stacker, write_like
 
 from stacker.simulate import CameraModel, SimulationSpec, simulate
 
 SHAPE = (24, 32)
 
 
-def stacker(*args: str, cwd: Path | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stacker", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=300, **kw)
-
-
-def config(tmp: Path, raw: Path, out: Path, **keys) -> Path:
-    section = {"bias_dir": str(raw / "bias"), "darks_dir": str(raw / "darks"),
-               "flats_dir": str(raw / "flats"), "output_dir": str(out), **keys}
-    path = tmp / f"config_{out.name}.yaml"
-    path.write_text(yaml.safe_dump({"master_frames": section}))
-    return path
 
 
 def a_dark(raw: Path, exptime: str = "5s") -> Path:
     return sorted((raw / "darks" / exptime).glob("*.fits"))[0]
-
-
-def write_like(src: Path, dst: Path, data=None, **cards) -> Path:
-    """A copy of frame `src` with new pixels and/or header cards (None deletes a card)."""
-    with fits.open(src) as hdul:
-        header = hdul[0].header.copy()
-        pixels = hdul[0].data if data is None else data
-    for key, value in cards.items():
-        key = key.replace("_", "-") if key == "CCD_TEMP" else key
-        if value is None:
-            header.remove(key, ignore_missing=True)
-        else:
-            header[key] = value
-    hdu = fits.PrimaryHDU(pixels, header=header)
-    if data is not None and np.asarray(data).dtype.kind == "f":
-        for key in ("BZERO", "BSCALE"):
-            hdu.header.remove(key, ignore_missing=True)
-    hdu.writeto(dst)
-    return dst
 
 
 def inject(raw: Path) -> dict[str, str]:
@@ -135,19 +103,15 @@ def runs(folders, tmp_path_factory):
     for name, raw in (("clean", clean), ("dirty", dirty)):
         before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in raw.rglob("*")
                   if p.is_file() and not p.is_symlink()}
-        cfg = config(tmp, raw, tmp / name)
-        proc = stacker("masters", "--config", str(cfg), cwd=tmp)
+        cfg = config_file(tmp, raw, tmp / name)
+        proc = run_stacker("masters", "--config", str(cfg), cwd=tmp)
         after = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in before}
         out[name] = (proc, tmp / name, before == after)
     return out
 
 
 def masters(folder: Path) -> dict[str, np.ndarray]:
-    found = {}
-    for path in folder.glob("master_*.fits"):
-        with fits.open(path) as hdul:
-            found[hdul[0].header["MASTERID"]] = hdul[0].data.copy()
-    return found
+    return {job_id: image for job_id, (_, image) in read_masters(folder).items()}
 
 
 def test_clean_run_builds_everything(runs):
@@ -216,5 +180,5 @@ def test_unreadable_file_is_named(folders, tmp_path):
     shutil.copytree(clean, raw)
     locked = a_dark(raw)
     locked.chmod(0)
-    proc = stacker("masters", "--config", str(config(tmp_path, raw, tmp_path / "out")))
+    proc = run_stacker("masters", "--config", str(config_file(tmp_path, raw, tmp_path / "out")))
     assert "permission denied" in proc.stderr and locked.name in proc.stderr

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
+from helpers import write_like
 
 from stacker import MasterFrameCreator, Status
 from stacker.kernels import make_kernel
@@ -297,10 +298,8 @@ def test_quality_control_leaves_out_a_blank_frame(raw, tmp_path):
     folder, _ = raw
     bias = tmp_path / "bias"
     shutil.copytree(folder / "bias", bias)
-    first = sorted(bias.glob("*.fits"))[0]
-    with fits.open(first) as hdul:
-        header = hdul[0].header.copy()
-    fits.PrimaryHDU(np.zeros(SHAPE, np.uint16), header=header).writeto(bias / "blank.fits")
+    write_like(sorted(bias.glob("*.fits"))[0], bias / "blank.fits",
+               data=np.zeros(SHAPE, np.uint16))
     cfg = config(raw, tmp_path)
     cfg["master_frames"]["bias_dir"] = str(bias)
     on = MasterFrameCreator(cfg).create_master_bias()

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
+from helpers import section
 
 from stacker import MasterFrameCreator
 from stacker.metrics import find_dust, neighbour_median
@@ -25,10 +26,7 @@ def run(tmp_path_factory):
     spec = SimulationSpec(camera=CAMERA, n_bias=10, dark_exposures=(10.0, 60.0), n_darks=10,
                           n_flats=10, flat_exposure=10.0, seed=4, light_leak_darks=1)
     truth = simulate(folder / "raw", spec)
-    cfg = {"master_frames": {"bias_dir": str(folder / "raw" / "bias"),
-                             "darks_dir": str(folder / "raw" / "darks"),
-                             "flats_dir": str(folder / "raw" / "flats"),
-                             "output_dir": str(folder / "out")}}
+    cfg = {"master_frames": section(folder / "raw", folder / "out")}
     creator = MasterFrameCreator(cfg)
     status = creator.create_all_master_frames()
     assert status.success, status.message

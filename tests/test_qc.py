@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
+from helpers import write_like
 
 from stacker import MasterFrameCreator
 from stacker.qc import clipped_stats
@@ -110,10 +111,8 @@ def test_a_bright_flat_above_the_full_scale_limit_is_left_out(faulty, tmp_path):
     flats = tmp_path / "flats"
     shutil.copytree(folder / "flats", flats)
     path = sorted(flats.rglob("*.fits"))[0]
-    with fits.open(path) as hdul:
-        bright = np.clip(hdul[0].data.astype(np.float64) * 2.0, 0, 65535).astype(np.uint16)
-        header = hdul[0].header.copy()
-    fits.PrimaryHDU(bright, header=header).writeto(path.with_name("bright.fits"))
+    bright = np.clip(fits.getdata(path).astype(np.float64) * 2.0, 0, 65535).astype(np.uint16)
+    write_like(path, path.with_name("bright.fits"), data=bright)
     status = run(folder, tmp_path / "out", flats_dir=str(flats))
     frames = verdicts(status, "flat_L_1.000s")
     assert "above qc_flat_max_level 70%" in frames["bright.fits"]["verdict"]

@@ -6,13 +6,13 @@ import base64
 import json
 import shutil
 import subprocess
-import sys
 import zlib
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_stacker, section
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -22,21 +22,13 @@ from stacker.report import SCHEMA_VERSION, png
 from stacker.simulate import CameraModel, SimulationSpec, simulate
 
 
-def stacker(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stacker", *args], capture_output=True,
-                          text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("report")
     spec = SimulationSpec(camera=CameraModel(shape=(40, 64)), n_bias=6, dark_exposures=(1.0,),
                           n_darks=6, n_flats=6, seed=8, light_leak_darks=1)
     truth = simulate(folder / "raw", spec)
-    cfg = {"master_frames": {"bias_dir": str(folder / "raw" / "bias"),
-                             "darks_dir": str(folder / "raw" / "darks"),
-                             "flats_dir": str(folder / "raw" / "flats"),
-                             "output_dir": str(folder / "out")}}
+    cfg = {"master_frames": section(folder / "raw", folder / "out")}
     status = MasterFrameCreator(cfg).create_all_master_frames()
     assert status.success, status.message
     return folder / "out", status, truth
@@ -113,10 +105,10 @@ def test_stacker_report_regenerates_the_page(run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     (copy / "report.html").unlink()
-    result = stacker("report", str(copy))
+    result = run_stacker("report", str(copy))
     assert result.returncode == 0, result.stderr
     assert (copy / "report.html").read_text().count('class="master"') == 3
-    missing = stacker("report", str(tmp_path / "nothing"))
+    missing = run_stacker("report", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert "report.json not found" in missing.stderr and "Traceback" not in missing.stderr
 
@@ -126,7 +118,7 @@ def test_stacker_inspect_prints_headers_and_statistics(run, tmp_path):
     master = status.details["masters"][0]["path"]
     bad = tmp_path / "bad.fits"
     bad.write_text("not fits")
-    result = stacker("inspect", master, str(bad))
+    result = run_stacker("inspect", master, str(bad))
     assert result.returncode == 2
     assert "IMAGETYP  MASTER BIAS" in result.stdout and "NCOMBINE=6" in result.stdout
     assert "stats     mean" in result.stdout

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from astropy.io import fits
+from helpers import config_file, read_masters, run_stacker
 
 from stacker.outdir import FINGERPRINT_CARD, OutputLock
 from stacker.simulate import CameraModel, SimulationSpec, simulate
@@ -27,25 +27,6 @@ from stacker.simulate import CameraModel, SimulationSpec, simulate
 IDS = {"bias", "dark_1.000s", "dark_5.000s", "flat_L_1.000s"}
 
 
-def stacker(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stacker", *args], capture_output=True,
-                          text=True, timeout=300, **kw)
-
-
-def config(tmp: Path, raw: Path, out: Path, **keys) -> Path:
-    section = {"bias_dir": str(raw / "bias"), "darks_dir": str(raw / "darks"),
-               "flats_dir": str(raw / "flats"), "output_dir": str(out), **keys}
-    path = tmp / f"config_{out.name}.yaml"
-    path.write_text(yaml.safe_dump({"master_frames": section}))
-    return path
-
-
-def masters(folder: Path) -> dict[str, tuple[Path, np.ndarray]]:
-    found = {}
-    for path in sorted(folder.glob("master_*.fits")):
-        with fits.open(path) as hdul:
-            found[hdul[0].header["MASTERID"]] = (path, hdul[0].data.copy())
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -66,24 +47,24 @@ def big(tmp_path_factory):
 
 
 def test_rerun_skips_up_to_date_masters_and_force_rebuilds(raw, tmp_path):
-    cfg = config(tmp_path, raw, tmp_path / "out")
-    first = stacker("masters", "--config", str(cfg))
+    cfg = config_file(tmp_path, raw, tmp_path / "out")
+    first = run_stacker("masters", "--config", str(cfg))
     assert first.returncode == 0, first.stderr
-    before = {k: (p, p.stat().st_mtime_ns) for k, (p, _) in masters(tmp_path / "out").items()}
+    before = {k: (p, p.stat().st_mtime_ns) for k, (p, _) in read_masters(tmp_path / "out").items()}
     assert set(before) == IDS
     for path, _ in before.values():
         assert len(fits.getheader(path)[FINGERPRINT_CARD]) == 40
 
-    second = stacker("masters", "--config", str(cfg))
+    second = run_stacker("masters", "--config", str(cfg))
     assert second.returncode == 0, second.stderr
     assert second.stderr.count("up to date") >= len(IDS)
     assert "0 masters built" in second.stderr and "4 already up to date" in second.stderr
-    after = {k: (p, p.stat().st_mtime_ns) for k, (p, _) in masters(tmp_path / "out").items()}
+    after = {k: (p, p.stat().st_mtime_ns) for k, (p, _) in read_masters(tmp_path / "out").items()}
     assert after == before  # same files, untouched
     assert sorted(second.stdout.split()) == sorted(str(p) for p, _ in before.values())
 
     time.sleep(1.1)  # a new timestamp, so the rebuilt masters get new names
-    forced = stacker("masters", "--config", str(cfg), "--force")
+    forced = run_stacker("masters", "--config", str(cfg), "--force")
     assert forced.returncode == 0, forced.stderr
     assert "same inputs and settings" not in forced.stderr  # no master kept
     assert len(list((tmp_path / "out").glob("master_*.fits"))) == 2 * len(IDS)
@@ -94,13 +75,13 @@ def test_changed_inputs_rebuild_only_their_masters(raw, tmp_path):
 
     copy = tmp_path / "raw"
     shutil.copytree(raw, copy)
-    cfg = config(tmp_path, copy, tmp_path / "out")
-    assert stacker("masters", "--config", str(cfg)).returncode == 0
+    cfg = config_file(tmp_path, copy, tmp_path / "out")
+    assert run_stacker("masters", "--config", str(cfg)).returncode == 0
     time.sleep(1.1)
     # A new 1 s dark: its master changes, and so does the flat that subtracts it.
     extra = copy / "darks" / "1s" / "dark_1s_extra.fits"
     shutil.copy(sorted((copy / "darks" / "1s").glob("*.fits"))[0], extra)
-    rerun = stacker("masters", "--config", str(cfg))
+    rerun = run_stacker("masters", "--config", str(cfg))
     assert rerun.returncode == 0, rerun.stderr
     assert "2 masters built" in rerun.stderr and "2 already up to date" in rerun.stderr
     names = [p.name for p in (tmp_path / "out").glob("master_*.fits")]
@@ -108,25 +89,25 @@ def test_changed_inputs_rebuild_only_their_masters(raw, tmp_path):
     assert sum(n.startswith("master_flat") for n in names) == 2
     assert sum(n.startswith("master_dark_5.000s") for n in names) == 1
     # A setting that changes pixels rebuilds everything.
-    other = stacker("masters", "--config", str(cfg), "--rejection-method", "minmax")
+    other = run_stacker("masters", "--config", str(cfg), "--rejection-method", "minmax")
     assert "4 masters built" in other.stderr, other.stderr
 
 
 def test_a_second_run_on_a_busy_folder_stops_with_exit_code_2(raw, tmp_path):
     out = tmp_path / "out"
     with OutputLock(out):
-        proc = stacker("masters", "--config", str(config(tmp_path, raw, out)))
+        proc = run_stacker("masters", "--config", str(config_file(tmp_path, raw, out)))
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("stacker: error: output folder") and "in use by stacker pid" in line
     assert not list(out.glob("master_*.fits"))
     # Once the holder is gone, the folder is free again.
-    assert stacker("masters", "--config", str(config(tmp_path, raw, out))).returncode == 0
+    assert run_stacker("masters", "--config", str(config_file(tmp_path, raw, out))).returncode == 0
 
 
 def test_sigkill_mid_write_leaves_only_complete_masters_and_a_rerun_finishes(big, tmp_path):
     clean_out = tmp_path / "clean"
-    clean = stacker("masters", "--config", str(config(tmp_path, big, clean_out,
+    clean = run_stacker("masters", "--config", str(config_file(tmp_path, big, clean_out,
                                                       num_workers=1)))
     assert clean.returncode == 0, clean.stderr
 
@@ -134,24 +115,24 @@ def test_sigkill_mid_write_leaves_only_complete_masters_and_a_rerun_finishes(big
     # until one leaves a half-written master behind.
     for attempt in range(5):
         out = tmp_path / f"out{attempt}"
-        cfg = config(tmp_path, big, out, num_workers=1)
+        cfg = config_file(tmp_path, big, out, num_workers=1)
         killed = _kill_while_writing(cfg, out)
         if list(out.glob(".*.part")):
             break
     assert killed, "the run finished before it could be interrupted"
-    left = masters(out)
+    left = read_masters(out)
     assert 1 <= len(left) < len(IDS)
     for _, (path, data) in left.items():  # each one complete and readable
         assert data.shape == (768, 1024) and np.isfinite(data).all()
         assert FINGERPRINT_CARD in fits.getheader(path)
     assert list(out.glob(".*.part"))  # the interrupted one: a temp file, never a master
 
-    rerun = stacker("masters", "--config", str(cfg))
+    rerun = run_stacker("masters", "--config", str(cfg))
     assert rerun.returncode == 0, rerun.stderr
     assert "left by an interrupted run" in rerun.stderr
     assert f"{len(left)} already up to date" in rerun.stderr
     assert not list(out.glob(".*.part"))
-    final, reference = masters(out), masters(clean_out)
+    final, reference = read_masters(out), read_masters(clean_out)
     assert set(final) == set(reference) == IDS
     for job_id, (_, data) in reference.items():
         np.testing.assert_array_equal(final[job_id][1], data, err_msg=job_id)
@@ -183,8 +164,8 @@ def _limit_file_size():
 
 def test_a_write_error_fails_the_master_and_leaves_no_partial_file(big, tmp_path):
     out = tmp_path / "out"
-    cfg = config(tmp_path, big, out, log_dir=str(tmp_path / "logs"))
-    proc = stacker("masters", "--config", str(cfg), preexec_fn=_limit_file_size)
+    cfg = config_file(tmp_path, big, out, log_dir=str(tmp_path / "logs"))
+    proc = run_stacker("masters", "--config", str(cfg), preexec_fn=_limit_file_size)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "file size limit exceeded while writing" in proc.stderr
@@ -195,7 +176,7 @@ def test_a_write_error_fails_the_master_and_leaves_no_partial_file(big, tmp_path
 def test_an_output_folder_that_is_a_file_is_a_usage_error(raw, tmp_path):
     blocker = tmp_path / "out"
     blocker.write_text("not a folder")
-    proc = stacker("masters", "--config", str(config(tmp_path, raw, blocker)))
+    proc = run_stacker("masters", "--config", str(config_file(tmp_path, raw, blocker)))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"stacker: error: master_frames.output_dir {blocker} is a file, not a folder; "
@@ -203,18 +184,19 @@ def test_an_output_folder_that_is_a_file_is_a_usage_error(raw, tmp_path):
 
 
 def test_output_inside_an_input_folder_is_refused(raw, tmp_path):
-    proc = stacker("masters", "--config", str(config(tmp_path, raw, raw / "darks" / "out")))
+    cfg = config_file(tmp_path, raw, raw / "darks" / "out")
+    proc = run_stacker("masters", "--config", str(cfg))
     assert proc.returncode == 2
     assert "is inside master_frames.darks_dir" in proc.stderr
     assert not (raw / "darks" / "out").exists()
 
 
 def test_a_rerun_keeps_the_bad_pixel_mask_and_rewrites_the_report(raw, tmp_path):
-    cfg = config(tmp_path, raw, tmp_path / "out")
-    assert stacker("masters", "--config", str(cfg)).returncode == 0
+    cfg = config_file(tmp_path, raw, tmp_path / "out")
+    assert run_stacker("masters", "--config", str(cfg)).returncode == 0
     masks = list((tmp_path / "out").glob("bad_pixel_mask_*.fits"))
     time.sleep(1.1)
-    rerun = stacker("masters", "--config", str(cfg))
+    rerun = run_stacker("masters", "--config", str(cfg))
     assert "bad-pixel mask: up to date" in rerun.stderr
     assert list((tmp_path / "out").glob("bad_pixel_mask_*.fits")) == masks
     import json
@@ -225,10 +207,10 @@ def test_a_rerun_keeps_the_bad_pixel_mask_and_rewrites_the_report(raw, tmp_path)
 
 
 def test_plan_shows_which_masters_are_up_to_date(raw, tmp_path):
-    cfg = config(tmp_path, raw, tmp_path / "out")
-    before = stacker("plan", "--config", str(cfg))
+    cfg = config_file(tmp_path, raw, tmp_path / "out")
+    before = run_stacker("plan", "--config", str(cfg))
     assert "up to date" not in before.stdout
-    assert stacker("masters", "--config", str(cfg)).returncode == 0
-    after = stacker("plan", "--config", str(cfg))
+    assert run_stacker("masters", "--config", str(cfg)).returncode == 0
+    after = run_stacker("plan", "--config", str(cfg))
     assert after.returncode == 0
     assert after.stdout.count("up to date: master_") == len(IDS)
