@@ -1,10 +1,16 @@
 """Compiled per-pixel loops behind `stacker.kernels` (numba, ``nogil``: Dask threads run them
 in parallel).
 
-Each loop walks the pixels of a (N, h, w) float32 block, gathers one pixel's finite values
-into a small buffer and works on that buffer with O(N) selections (quickselect) instead of a
-sort. The rules are the ones documented on the kernel classes; the slow references in
-`stacker.kernels` are the oracle these loops are tested against.
+Two families, with the rules documented on the kernel classes; the slow references in
+`stacker.kernels` are the oracle both are tested against:
+
+- sorted tiles (`sigma_clip_sorted`, `trimmed_sorted`): a sorting network orders the N values
+  of 32 neighbouring pixels at once with vector min/max instructions, after which the
+  median, the trimmed range and every sigma-clip iteration are index arithmetic. The default
+  for N <= `stacker.kernels.NETWORK_MAX_FRAMES`;
+- per-pixel selections (`sigma_clip`, `minmax`, `median`): each pixel's finite values are
+  gathered into a small buffer and worked on with O(N) quickselects. Used for the MAD
+  spread and beyond the network's range.
 """
 
 from __future__ import annotations
@@ -438,6 +444,195 @@ def mean_rows(block, nlow, nhigh, image, used):  # pragma: no cover - compiled
                 image[y, x] = (total[x] - nlow * np.float64(vmin[x])
                                - nhigh * np.float64(vmax[x])) / kept
                 used[y, x] = kept
+
+
+# --------------------------------------------------------------------------------------------
+# sorted tiles: a sorting network applied to TILE pixels at once
+#
+# A tile holds the N values of TILE neighbouring pixels as N rows of TILE floats (the layout
+# the frames already have, so loading it is a copy of row segments). One comparator of a
+# sorting network is then a min and a max of two rows: vector instructions over TILE pixels,
+# with no branch. Sorted, everything a rejection needs is an index: the median is the
+# middle, min/max drops the ends, and the set a sigma clip keeps is always a contiguous range
+# of the sorted values (it keeps an interval of values), so each iteration only moves the
+# two ends of that range. Measured on one thread, 3-sigma clip to convergence: N=50 from
+# ~340 to ~120 ns a pixel, N=200 from ~1.7 to ~0.8 us.
+
+#: Pixels per sorted tile (a compile-time constant, so that the row loops vectorize fully).
+TILE = 32
+
+
+def network(n: int) -> np.ndarray:
+    """Comparators (i, j), i < j, of Batcher's odd-even merge sort for n values, (K, 2).
+
+    Built for the next power of two and truncated: a comparator with j >= n would only ever
+    meet the +inf padding, which never moves, so it is left out.
+    """
+    size = 1
+    while size < n:
+        size *= 2
+    pairs = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k, size - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p) and i + j + k < n:
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+@njit(nogil=True, cache=True)
+def _sorted_tile(block, y, x0, pairs, tile, count):  # pragma: no cover - compiled
+    """Load pixels (y, x0 .. x0 + TILE) into tile (N, TILE) and sort every column.
+
+    Missing values (NaN) and the columns beyond the block's edge become +inf, which sorts
+    last; count[p] is the number of finite values of column p.
+    """
+    n = block.shape[0]
+    m = min(TILE, block.shape[2] - x0)
+    count[:] = 0
+    if m == TILE:
+        for i in range(n):
+            row = block[i, y, x0:x0 + TILE]
+            dst = tile[i]
+            for p in range(TILE):
+                v = row[p]
+                ok = v == v
+                dst[p] = v if ok else np.float32(np.inf)
+                count[p] += ok
+    else:
+        for i in range(n):
+            for p in range(TILE):
+                v = block[i, y, x0 + p] if p < m else np.float32(np.nan)
+                ok = v == v
+                tile[i, p] = v if ok else np.float32(np.inf)
+                count[p] += ok
+    for q in range(pairs.shape[0]):
+        a = tile[pairs[q, 0]]
+        b = tile[pairs[q, 1]]
+        for p in range(TILE):
+            x = a[p]
+            z = b[p]
+            # exactly the selects x86 min/max compute: vectorized without fast-math
+            a[p] = z if z < x else x
+            b[p] = x if z < x else z
+
+
+@njit(nogil=True, cache=True)
+def _range_moments(tile, p, lo, hi, shift):  # pragma: no cover - compiled
+    """(sum, sum of squares) of tile[lo:hi, p] - shift, in float64."""
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(lo, hi):
+        d = np.float64(tile[i, p]) - shift
+        s1 += d
+        s2 += d * d
+    return s1, s2
+
+
+@njit(nogil=True, cache=True)
+def _middle(tile, p, lo, hi):  # pragma: no cover - compiled
+    """Median of the sorted tile[lo:hi, p]."""
+    k = hi - lo
+    return 0.5 * (np.float64(tile[lo + (k - 1) // 2, p]) + np.float64(tile[lo + k // 2, p]))
+
+
+@njit(nogil=True, cache=True)
+def sigma_clip_sorted(block, pairs, sigma_low, sigma_high, center_mean, max_iterations,
+                      image, used):  # pragma: no cover - compiled
+    """Iterative sigma clipping with the standard deviation as spread, on sorted tiles
+    (see `stacker.kernels.SigmaClip`); `pairs` is `network(N)`.
+
+    The moments of the kept range are taken about its median, which lies within one
+    standard deviation of its mean: one pass, no cancellation whatever the data's offset.
+    """
+    n, h, w = block.shape
+    tile = np.empty((n, TILE), np.float32)
+    count = np.empty(TILE, np.int64)
+    centre0 = np.empty(TILE, np.float64)
+    sum1 = np.empty(TILE, np.float64)
+    sum2 = np.empty(TILE, np.float64)
+    for y in range(h):
+        for x0 in range(0, w, TILE):
+            _sorted_tile(block, y, x0, pairs, tile, count)
+            # The first iteration's moments for all columns at once, row by row (vectorized):
+            # 4x less time than walking each column, which is most of the rest.
+            for p in range(TILE):
+                centre0[p] = _middle(tile, p, 0, count[p]) if count[p] > 0 else 0.0
+                sum1[p] = 0.0
+                sum2[p] = 0.0
+            for i in range(n):
+                row = tile[i]
+                for p in range(TILE):
+                    v = row[p]
+                    d = np.float64(v) - centre0[p] if v < np.inf else 0.0
+                    sum1[p] += d
+                    sum2[p] += d * d
+            for p in range(min(TILE, w - x0)):
+                lo = 0
+                hi = count[p]
+                if hi == 0:
+                    image[y, x0 + p] = np.nan
+                    used[y, x0 + p] = 0
+                    continue
+                median = centre0[p]
+                s1 = sum1[p]
+                s2 = sum2[p]
+                iteration = 0
+                while max_iterations < 0 or iteration < max_iterations:
+                    iteration += 1
+                    k = hi - lo
+                    mean = median + s1 / k
+                    std = np.sqrt(max(s2 / k - (s1 / k) ** 2, 0.0))
+                    centre = mean if center_mean else median
+                    lower = centre - sigma_low * std * (1 + SLACK)
+                    upper = centre + sigma_high * std * (1 + SLACK)
+                    new_lo = lo
+                    while new_lo < hi and tile[new_lo, p] < lower:
+                        new_lo += 1
+                    new_hi = hi
+                    while new_hi > new_lo and tile[new_hi - 1, p] > upper:
+                        new_hi -= 1
+                    if new_hi == new_lo or (new_lo == lo and new_hi == hi):
+                        break  # converged, or it would reject everything
+                    lo = new_lo
+                    hi = new_hi
+                    median = _middle(tile, p, lo, hi)
+                    s1, s2 = _range_moments(tile, p, lo, hi, median)
+                k = hi - lo
+                image[y, x0 + p] = median + s1 / k
+                used[y, x0 + p] = k
+
+
+@njit(nogil=True, cache=True)
+def trimmed_sorted(block, pairs, nlow, nhigh, middle, image, used):  # pragma: no cover
+    """Per pixel on sorted tiles: the median (`middle`), or the mean after dropping the
+    nlow lowest and nhigh highest values (all of them averaged when no more are left)."""
+    n, h, w = block.shape
+    tile = np.empty((n, TILE), np.float32)
+    count = np.empty(TILE, np.int64)
+    for y in range(h):
+        for x0 in range(0, w, TILE):
+            _sorted_tile(block, y, x0, pairs, tile, count)
+            for p in range(min(TILE, w - x0)):
+                k = count[p]
+                if k == 0:
+                    image[y, x0 + p] = np.nan
+                    used[y, x0 + p] = 0
+                elif middle:
+                    image[y, x0 + p] = _middle(tile, p, 0, k)
+                    used[y, x0 + p] = k
+                else:
+                    lo, hi = (nlow, k - nhigh) if k > nlow + nhigh else (0, k)
+                    total = 0.0
+                    for i in range(lo, hi):
+                        total += tile[i, p]
+                    image[y, x0 + p] = total / (hi - lo)
+                    used[y, x0 + p] = hi - lo
 
 
 # --------------------------------------------------------------------------------------------

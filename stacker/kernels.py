@@ -8,14 +8,17 @@ at construction, picklable and safe to share between threads.
 Each fast kernel has a slow reference beside it (``*_reference``), written per pixel for
 clarity; property tests prove they agree.
 
-How the fast kernels work: `stacker._fast` compiles (numba, releasing the GIL) a loop over
-the pixels that gathers each pixel's finite values into a small buffer and works on it with
-O(N) selections (quickselect) rather than a sort; clipping compacts the buffer in place. A
-call holds nothing beyond the block and two buffers of N values, whatever N is.
+How the fast kernels work: `stacker._fast` compiles (numba, releasing the GIL) loops over
+the pixels. Up to `NETWORK_MAX_FRAMES` frames they sort the values of 32 pixels at a time
+with a sorting network (vector min/max, no branches), after which a median, a trimmed range
+or a clipping iteration is a matter of indices; the MAD spread and larger stacks use O(N)
+selections (quickselect) per pixel instead. A call holds nothing beyond the block and
+buffers of 32 x N values, whatever N is.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Protocol
 
@@ -34,6 +37,19 @@ class Kernel(Protocol):
     bytes_per_value: ClassVar[int]
 
     def __call__(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+#: Up to this many frames the kernels sort tiles of pixels with a sorting network
+#: (`stacker._fast.network`), measured 2.3-3.7x faster than selections from N=5 to 1000;
+#: beyond that its N log^2 N comparators are untested against the O(N) selections.
+NETWORK_MAX_FRAMES = 1024
+
+
+@functools.lru_cache(maxsize=16)
+def _network(n: int) -> np.ndarray:
+    from stacker import _fast
+
+    return _fast.network(n)
 
 
 def _prepared(block: np.ndarray):
@@ -81,8 +97,10 @@ class SigmaClip:
     The seed guide's single-pass clip is ``SigmaClip(center="mean", max_iterations=1)``.
     With N <= 10 frames a single outlier can never exceed 3 standard deviations of a mean/std
     clip; the median centre used by default does not have that blind spot.
-    Cost: O(N) per pixel and iteration (a quickselect for the median, one pass for the
-    spread, one to compact); most pixels converge after the first iteration.
+    Cost: with the standard deviation, one sort per pixel by a sorting network
+    (O(N log^2 N) vector comparisons shared by 32 pixels), then O(N) per iteration that
+    rejects something; most pixels converge after the first iteration. With MAD, O(N) per
+    pixel and iteration (quickselects).
     """
 
     sigma_low: float = 3.0
@@ -111,6 +129,11 @@ class SigmaClip:
 
         block, image, used = _prepared(block)
         iterations = -1 if self.max_iterations is None else self.max_iterations
+        if self.stddev == "std" and block.shape[0] <= NETWORK_MAX_FRAMES:
+            _fast.sigma_clip_sorted(block, _network(block.shape[0]), float(self.sigma_low),
+                                    float(self.sigma_high), self.center == "mean", iterations,
+                                    image, used)
+            return image, used
         _fast.sigma_clip(block, float(self.sigma_low), float(self.sigma_high),
                          self.center == "mean", self.stddev == "mad_std", iterations, image,
                          used)
@@ -157,7 +180,11 @@ class MinMax:
             if (used == 65535).any():
                 _fast.minmax(block, self.nlow, self.nhigh, image, used)
             return image, used
-        _fast.minmax(block, self.nlow, self.nhigh, image, used)
+        if block.shape[0] <= NETWORK_MAX_FRAMES:
+            _fast.trimmed_sorted(block, _network(block.shape[0]), self.nlow, self.nhigh, False,
+                                 image, used)
+        else:
+            _fast.minmax(block, self.nlow, self.nhigh, image, used)
         return image, used
 
 
@@ -172,7 +199,10 @@ class Median:
         from stacker import _fast
 
         block, image, used = _prepared(block)
-        _fast.median(block, image, used)
+        if block.shape[0] <= NETWORK_MAX_FRAMES:
+            _fast.trimmed_sorted(block, _network(block.shape[0]), 0, 0, True, image, used)
+        else:
+            _fast.median(block, image, used)
         return image, used
 
 

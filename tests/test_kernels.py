@@ -10,7 +10,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from stacker._fast import network
 from stacker.kernels import (
+    NETWORK_MAX_FRAMES,
     Mean,
     Median,
     MinMax,
@@ -107,6 +109,58 @@ def test_minmax_matches_reference(block, nlow, nhigh):
 def test_median_and_mean_match_reference(block):
     assert_same(Median()(block), median_reference(block), block)
     assert_same(Mean()(block), mean_reference(block), block)
+
+
+# Sorted tiles hold 32 pixels: widths from 29 to 70 give full tiles, ragged last tiles and
+# rows of several tiles; frame counts beyond 32 give networks of more than one merge level.
+wide_blocks = arrays(np.float32, st.tuples(st.integers(1, 70), st.integers(1, 2),
+                                           st.integers(29, 70)), elements=values)
+
+
+@settings(max_examples=25, deadline=None)
+@given(wide_blocks, sigma_options, st.integers(0, 3), st.integers(0, 3))
+def test_kernels_on_rows_of_several_tiles_match_reference(block, options, nlow, nhigh):
+    assert_same(SigmaClip(**options)(block), sigma_clip_reference(block, **options), block)
+    assert_same(MinMax(nlow, nhigh)(block), minmax_reference(block, nlow, nhigh), block)
+    assert_same(Median()(block), median_reference(block), block)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 1100), st.integers(0, 2**32 - 1))
+@example(1, 0)
+@example(NETWORK_MAX_FRAMES, 0)
+def test_network_sorts_every_column(n, seed):
+    """The truncated Batcher network sorts n values (random data, with ties)."""
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, max(2, n // 3), (n, 64)).astype(np.float32)
+    sorted_ = data.copy()
+    for a, b in network(n):
+        assert 0 <= a < b < n
+        low = np.minimum(sorted_[a], sorted_[b])
+        sorted_[b] = np.maximum(sorted_[a], sorted_[b])
+        sorted_[a] = low
+    np.testing.assert_array_equal(sorted_, np.sort(data, axis=0))
+
+
+@pytest.mark.parametrize("n", range(1, 13))
+def test_network_sorts_every_zero_one_sequence(n):
+    """The 0-1 principle: a network that sorts all 2^n sequences of 0 and 1 sorts anything."""
+    data = ((np.arange(2**n)[None, :] >> np.arange(n)[:, None]) & 1).astype(np.int8)
+    for a, b in network(n):
+        low = np.minimum(data[a], data[b])
+        data[b] = np.maximum(data[a], data[b])
+        data[a] = low
+    assert (np.diff(data, axis=0) >= 0).all()
+
+
+def test_stacks_beyond_the_network_use_selections_with_the_same_result():
+    rng = np.random.default_rng(3)
+    block = np.round(rng.normal(100, 5, (NETWORK_MAX_FRAMES + 7, 1, 3))).astype(np.float32)
+    block[::97, 0, 1] = 6e4
+    block[5, 0, 2] = np.nan
+    assert_same(SigmaClip()(block), sigma_clip_reference(block), block)
+    assert_same(MinMax(2, 2)(block), minmax_reference(block, 2, 2), block)
+    assert_same(Median()(block), median_reference(block), block)
 
 
 @pytest.mark.parametrize("block", ADVERSARIAL)
