@@ -141,6 +141,7 @@ def sigma_clip(block, sigma_low, sigma_high, center_mean, mad, max_iterations,
     n, h, w = block.shape
     buf = np.empty(n, np.float32)
     work = np.empty(n + HIST_BINS, np.float32)  # the tail is `_bracket_median`'s histogram
+    deviations = np.empty(n, np.float64)
     width = _tile_width(n)
     tile = np.empty((width, n), np.float32)
     for y in range(h):
@@ -148,8 +149,9 @@ def sigma_clip(block, sigma_low, sigma_high, center_mean, mad, max_iterations,
             x1 = min(x0 + width, w)
             _load_tile(block, y, x0, x1, tile)
             for x in range(x0, x1):
-                image[y, x], used[y, x] = _clip(tile, x - x0, buf, work, sigma_low,
-                                                sigma_high, center_mean, mad, max_iterations)
+                image[y, x], used[y, x] = _clip(tile, x - x0, buf, work, deviations,
+                                                sigma_low, sigma_high, center_mean, mad,
+                                                max_iterations)
 
 
 @njit(nogil=True, cache=True)
@@ -240,7 +242,7 @@ def _integer_median(work, c, p1, p2, r1, r2):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
-def _clip(tile, j, buf, work, sigma_low, sigma_high, center_mean, mad,
+def _clip(tile, j, buf, work, deviations, sigma_low, sigma_high, center_mean, mad,
           max_iterations):  # pragma: no cover - compiled
     """Clip one pixel's values until converged; returns (mean of the kept values, count).
 
@@ -282,13 +284,15 @@ def _clip(tile, j, buf, work, sigma_low, sigma_high, center_mean, mad,
         centre = mean if center_mean else median
         spread = std
         if mad:
+            # float64 deviations: in float32 the deviations of tiny (subnormal) values from
+            # a median between them round to zero, and so would the spread
             c = 0
             for i in range(values.size):
                 v = values[i]
                 if v == v:
-                    work[c] = abs(np.float64(v) - median)
+                    deviations[c] = abs(np.float64(v) - median)
                     c += 1
-            spread = MAD_TO_STD * _median(work, m, work)
+            spread = MAD_TO_STD * _median(deviations, m, deviations)
         lower = centre - sigma_low * spread * (1 + SLACK)
         upper = centre + sigma_high * spread * (1 + SLACK)
         if vmin >= lower and vmax <= upper:
@@ -411,39 +415,58 @@ def mean_rows(block, nlow, nhigh, image, used):  # pragma: no cover - compiled
     camera data) is marked used = 65535 for the caller to redo with the exact loop.
     """
     n, h, w = block.shape
-    total = np.empty(w, np.float64)
-    count = np.empty(w, np.int64)
-    vmin = np.empty(w, np.float32)
-    vmax = np.empty(w, np.float32)
+    # Accumulators for MEAN_SPAN pixels stay in the L1 cache while all frames pass (a whole
+    # 4096-px row of them did not: 0.55 -> 0.48 s for 50 x 4096x4096 on one thread).
+    total = np.empty(MEAN_SPAN, np.float64)
+    count = np.empty(MEAN_SPAN, np.int32)
+    vmin = np.empty(MEAN_SPAN, np.float32)
+    vmax = np.empty(MEAN_SPAN, np.float32)
+    extremes = nlow + nhigh > 0
     for y in range(h):
-        total[:] = 0.0
-        count[:] = 0
-        vmin[:] = np.inf
-        vmax[:] = -np.inf
-        for i in range(n):
-            row = block[i, y]
-            for x in range(w):
-                v = row[x]
-                ok = v == v
-                total[x] += v if ok else 0.0
-                count[x] += ok
-                vmin[x] = min(vmin[x], v) if ok else vmin[x]
-                vmax[x] = max(vmax[x], v) if ok else vmax[x]
-        for x in range(w):
-            m = count[x]
-            if m == 0:
-                image[y, x] = np.nan
-                used[y, x] = 0
-            elif m <= nlow + nhigh:
-                image[y, x] = total[x] / m
-                used[y, x] = m
-            elif nlow + nhigh > 0 and max(abs(vmin[x]), abs(vmax[x])) > 1e7:
-                used[y, x] = 65535  # sentinel: redo exactly
-            else:
-                kept = m - nlow - nhigh
-                image[y, x] = (total[x] - nlow * np.float64(vmin[x])
-                               - nhigh * np.float64(vmax[x])) / kept
-                used[y, x] = kept
+        for x0 in range(0, w, MEAN_SPAN):
+            m = min(MEAN_SPAN, w - x0)
+            total[:] = 0.0
+            count[:] = 0
+            vmin[:] = np.inf
+            vmax[:] = -np.inf
+            for i in range(n):
+                row = block[i, y, x0:x0 + m]
+                if extremes:
+                    for x in range(m):
+                        v = row[x]
+                        ok = v == v
+                        total[x] += v if ok else 0.0
+                        count[x] += ok
+                        vmin[x] = min(vmin[x], v) if ok else vmin[x]
+                        vmax[x] = max(vmax[x], v) if ok else vmax[x]
+                else:
+                    for x in range(m):
+                        v = row[x]
+                        ok = v == v
+                        total[x] += v if ok else 0.0
+                        count[x] += ok
+            for x in range(m):
+                k = count[x]
+                if k == 0:
+                    image[y, x0 + x] = np.nan
+                    used[y, x0 + x] = 0
+                elif k <= nlow + nhigh:
+                    image[y, x0 + x] = total[x] / k
+                    used[y, x0 + x] = k
+                elif extremes and max(abs(vmin[x]), abs(vmax[x])) > 1e7:
+                    used[y, x0 + x] = 65535  # sentinel: redo exactly
+                elif extremes:
+                    kept = k - nlow - nhigh
+                    image[y, x0 + x] = (total[x] - nlow * np.float64(vmin[x])
+                                        - nhigh * np.float64(vmax[x])) / kept
+                    used[y, x0 + x] = kept
+                else:  # (vmin and vmax were not kept: 0 * inf would be NaN)
+                    image[y, x0 + x] = total[x] / k
+                    used[y, x0 + x] = k
+
+
+#: Pixels whose running sums `mean_rows` keeps at once.
+MEAN_SPAN = 512
 
 
 # --------------------------------------------------------------------------------------------

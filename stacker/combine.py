@@ -11,6 +11,7 @@ without building the array, which spares each run the import of ``dask.array``.
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -101,7 +102,13 @@ def combine_into(reader: StripReader, writer: MasterWriter, kernel: Callable, ro
     from dask.threaded import get
 
     strips = plan_strips(reader.shape[1], rows)
-    graph = {("strip", i): (_strip_task, reader, writer, kernel, prepare, y0, y1)
+    n, _, nx = reader.shape
+    # One block per worker, reused strip after strip: a fresh block of hundreds of MB per
+    # strip would be page-faulted in (and zeroed by the kernel) every time.
+    blocks: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(min(num_workers, len(strips))):
+        blocks.put(np.empty(n * min(rows, reader.shape[1]) * nx, np.float32))
+    graph = {("strip", i): (_strip_task, reader, writer, kernel, prepare, y0, y1, blocks)
              for i, (y0, y1) in enumerate(strips)}
     with ExitStack() as stack:
         for callback in callbacks:
@@ -110,11 +117,16 @@ def combine_into(reader: StripReader, writer: MasterWriter, kernel: Callable, ro
 
 
 def _strip_task(reader: StripReader, writer: MasterWriter, kernel: Callable,
-                prepare: Prepare | None, y0: int, y1: int) -> None:
-    block = reader.read(y0, y1)
-    if prepare is not None:
-        block = prepare(block, y0, y1)
-    image, used = kernel(block)
+                prepare: Prepare | None, y0: int, y1: int, blocks: queue.SimpleQueue) -> None:
+    buffer = blocks.get()
+    try:
+        n, _, nx = reader.shape
+        block = reader.read(y0, y1, out=buffer[: n * (y1 - y0) * nx].reshape(n, y1 - y0, nx))
+        if prepare is not None:
+            block = prepare(block, y0, y1)
+        image, used = kernel(block)
+    finally:
+        blocks.put(buffer)
     writer.write(y0, image, used)
 
 

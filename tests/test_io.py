@@ -10,9 +10,10 @@ from astropy.io import fits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stacker import io
 from stacker.errors import MemoryBudgetError
 from stacker.frames import read_frame
-from stacker.io import MasterWriter, StripReader, plan_strips, rows_per_chunk
+from stacker.io import STRIP_CAP, MasterWriter, StripReader, plan_strips, rows_per_chunk
 
 RNG = np.random.default_rng(1)
 
@@ -28,6 +29,17 @@ def test_reader_matches_astropy_for_every_bitpix(fitsfile, dtype):
     frame = read_frame(path)
     block = StripReader((frame,)).read(0, 23)
     np.testing.assert_array_equal(block[0], data.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "float32"])
+def test_strips_read_in_several_pieces_are_the_frame(fitsfile, monkeypatch, dtype):
+    """A strip taller than the staging buffer is read piece by piece, ragged last piece too."""
+    data = RNG.integers(0, 65535, size=(23, 17)).astype(dtype)
+    frame = read_frame(fitsfile(f"{dtype}.fits", data, IMAGETYP="Bias Frame"))
+    monkeypatch.setattr(io, "STAGING_BYTES", 3 * 17 * abs(frame.bitpix) // 8)  # 3 rows
+    reader = StripReader((frame,))
+    for y0, y1 in [(0, 23), (2, 13), (22, 23)]:
+        np.testing.assert_array_equal(reader.read(y0, y1)[0], data[y0:y1].astype(np.float32))
 
 
 def test_uint16_is_stored_with_bzero_and_decoded_exactly(fitsfile):
@@ -119,7 +131,7 @@ def test_rows_per_chunk_is_the_documented_formula():
     assert rows_per_chunk(2_000_000_000, 200, 9576, 2, 30, strip_cap=None) == 17
     assert rows_per_chunk(10**9, 1, 100, 1, 10, strip_cap=None) == 10**9 // (100 * 26)
     # a strip never holds more than the cap, whatever the budget
-    assert rows_per_chunk(10**12, 50, 4096, 2, 4) == (256 * 2**20) // (50 * 4096 * 4)
+    assert rows_per_chunk(10**12, 50, 4096, 2, 4) == STRIP_CAP // (50 * 4096 * 4)
     # with a height, every worker gets at least four strips when the budget allows
     assert rows_per_chunk(10**9, 1, 100, 2, 10, height=800) == 100  # 4 strips per worker
 

@@ -85,6 +85,8 @@ sigma_options = st.fixed_dictionaries({
          {"sigma_low": 0.5, "sigma_high": 1.0})
 @example(np.array([[[1.0]], [[1e-6]], [[0.0]]], np.float32),
          {"sigma_low": 1.0, "sigma_high": 0.5, "center": "mean"})
+@example(np.array([1, 0, 1, 1, 1e-45, 0, 0, 0], np.float32).reshape(8, 1, 1),  # subnormal MAD
+         {"sigma_low": 0.5, "sigma_high": 1.0, "stddev": "mad_std"})
 @example(np.array([[[0.0]], [[1.0]]], np.float32), {"center": "mean", "sigma_low": 0.5,
                                                      "sigma_high": 0.5})  # would reject all
 def test_sigma_clip_matches_reference(block, options):
