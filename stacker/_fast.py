@@ -663,57 +663,60 @@ def trimmed_sorted(block, pairs, nlow, nhigh, middle, image, used):  # pragma: n
 
 
 @njit(nogil=True, cache=True)
-def moments(values):  # pragma: no cover - compiled
-    """(count, sum, sum of squares, min, max) of the finite values, in float64."""
+def _key(u):  # pragma: no cover - compiled
+    """Order-preserving uint32 key of float32 bits `u`: flip the sign bit of positives and
+    every bit of negatives, and unsigned order is float order (NaN excluded)."""
+    if u & np.uint32(0x80000000):
+        return ~u & np.uint32(0xFFFFFFFF)
+    return u | np.uint32(0x80000000)
+
+
+@njit(nogil=True, cache=True)
+def summarize(image, bits, hist, row_s1, row_s2):  # pragma: no cover - compiled
+    """(count, min, max) of the finite values of a float32 image (h, w); row_s1[y] and
+    row_s2[y] get each row's sum and sum of squares (float64), and `hist` (65536 bins) the
+    top 16 bits of every finite value's key. `bits` is the image viewed as uint32."""
     count = 0
-    s1 = 0.0
-    s2 = 0.0
     lo = np.inf
     hi = -np.inf
-    for v in values.ravel():
-        if np.isfinite(v):
-            x = np.float64(v)
-            count += 1
-            s1 += x
-            s2 += x * x
-            lo = min(lo, x)
-            hi = max(hi, x)
-    return count, s1, s2, lo, hi
+    h, w = image.shape
+    for y in range(h):
+        s1 = 0.0
+        s2 = 0.0
+        for x in range(w):
+            v = image[y, x]
+            if np.isfinite(v):
+                z = np.float64(v)
+                count += 1
+                s1 += z
+                s2 += z * z
+                lo = min(lo, z)
+                hi = max(hi, z)
+                hist[_key(bits[y, x]) >> 16] += 1
+        row_s1[y] = s1
+        row_s2[y] = s2
+    return count, lo, hi
 
 
 @njit(nogil=True, cache=True)
-def _bin(x, edges, inclusive):  # pragma: no cover - compiled
-    """Bin of x among uniform `edges` ([e_b, e_b+1), the last bin closed when `inclusive`),
-    or -1 outside. Estimated by arithmetic, then settled against the edges themselves so
-    that histogram and collection agree to the last bit."""
-    nb = edges.size - 1
-    lo = edges[0]
-    hi = edges[nb]
-    if not (x >= lo) or x > hi or (x == hi and not inclusive):
-        return -1
-    b = min(int((x - lo) / (hi - lo) * nb), nb - 1)
-    while b < nb - 1 and x >= edges[b + 1]:
-        b += 1
-    while b > 0 and x < edges[b]:
-        b -= 1
-    return b
+def low_histogram(image, bits, bin0, bin1, low):  # pragma: no cover - compiled
+    """For the finite values whose key's top 16 bits are bin0 (bin1), count the low 16 bits
+    in low[0] (low[1])."""
+    flat = image.ravel()
+    flat_bits = bits.ravel()
+    for i in range(flat.size):
+        if np.isfinite(flat[i]):
+            k = _key(flat_bits[i])
+            top = k >> 16
+            if top == bin0:
+                low[0, k & 0xFFFF] += 1
+            if top == bin1:
+                low[1, k & 0xFFFF] += 1
 
 
-@njit(nogil=True, cache=True)
-def histogram(values, edges, inclusive, counts):  # pragma: no cover - compiled
-    """Add the finite values' bin counts to `counts`."""
-    for v in values.ravel():
-        b = _bin(np.float64(v), edges, inclusive)
-        if b >= 0:
-            counts[b] += 1
-
-
-@njit(nogil=True, cache=True)
-def collect(values, lo, hi, inclusive, out, pos):  # pragma: no cover - compiled
-    """Append the values in [lo, hi) (or [lo, hi]) to out[pos:]; returns the new end."""
-    for v in values.ravel():
-        x = np.float64(v)
-        if x >= lo and (x < hi or (inclusive and x == hi)):
-            out[pos] = x
-            pos += 1
-    return pos
+def key_values(keys: np.ndarray) -> np.ndarray:
+    """The float32 values of order-preserving keys (the inverse of `_key`)."""
+    keys = np.asarray(keys, np.uint32)
+    negative = (keys & np.uint32(0x80000000)) == 0
+    bits = np.where(negative, ~keys, keys & np.uint32(0x7FFFFFFF)).astype(np.uint32)
+    return bits.view(np.float32)

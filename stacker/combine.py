@@ -5,15 +5,17 @@ chunk is read by one task that reads that strip from all N files (no `da.stack` 
 per-file arrays and no rechunk, which would build tens of thousands of tasks). The kernel
 reduces each chunk along the frame axis; `da.store` writes each reduced strip into the
 preallocated master file as soon as it is done, so at most `num_workers` strips are held.
-`combine_into` runs that graph in its fused form (one read-reduce-write task per strip)
-without building the array, which spares each run the import of ``dask.array``.
+`combine_into` runs that graph in its fused form (one read-reduce-write task per strip) on a
+thread pool, without building the array, which spares each run the import of Dask; it also
+gathers the master's statistics from the strips as they are written (`StripSummary`).
 """
 
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,33 +93,64 @@ def reduce_stack(stack, kernel: Callable, prepare: Prepare | None = None):
 
 def combine_into(reader: StripReader, writer: MasterWriter, kernel: Callable, rows: int,
                  *, prepare: Prepare | None = None, num_workers: int = 1,
-                 callbacks: Sequence = ()) -> None:
+                 progress: Callable[[int, int], None] | None = None) -> MasterStats:
     """Build the master: read, prepare, reduce and store strip by strip, in parallel.
 
-    The graph is the one `frame_stack` -> `reduce_stack` -> ``da.store`` fuses to (one task
-    per strip that reads, reduces and writes it), written out directly and run by Dask's
-    threaded scheduler: the result is the same, and a run does not pay the ~0.3-0.4 s of
-    importing ``dask.array`` (a tenth of a 50-frame master's time).
-    """
-    from dask.threaded import get
+    Each strip is one task that reads, reduces and writes it: the graph `frame_stack` ->
+    `reduce_stack` -> ``da.store`` fuses to. Its tasks are independent, so a plain thread pool
+    runs them (the kernels release the GIL): the result is the same as Dask's threaded
+    scheduler, without the ~0.15 s import of ``dask`` and ~0.3 s of ``dask.array`` in every
+    run. A cluster run still goes through dask.distributed (`stacker.cluster`), one master
+    per task, each built by this function on its worker.
 
-    strips = plan_strips(reader.shape[1], rows)
-    n, _, nx = reader.shape
-    # One block per worker, reused strip after strip: a fresh block of hundreds of MB per
-    # strip would be page-faulted in (and zeroed by the kernel) every time.
+    Parameters
+    ----------
+    progress : callable, optional
+        ``progress(done, total)`` with the number of strips written, from 0.
+
+    Returns
+    -------
+    MasterStats
+        Exact statistics of the written image and frames-used map, gathered from each strip
+        as it is written (the median needs one read-back pass over the image).
+    """
+    n, ny, nx = reader.shape
+    strips = plan_strips(ny, rows)
+    summary = StripSummary((ny, nx))
+    # One block per worker, reused strip after strip: a fresh block per strip would be
+    # page-faulted in every time.
     blocks: queue.SimpleQueue = queue.SimpleQueue()
-    for _ in range(min(num_workers, len(strips))):
-        blocks.put(np.empty(n * min(rows, reader.shape[1]) * nx, np.float32))
-    graph = {("strip", i): (_strip_task, reader, writer, kernel, prepare, y0, y1, blocks)
-             for i, (y0, y1) in enumerate(strips)}
-    with ExitStack() as stack:
-        for callback in callbacks:
-            stack.enter_context(callback)
-        get(graph, list(graph), num_workers=num_workers)
+    for _ in range(max(1, min(num_workers, len(strips)))):
+        blocks.put(np.empty(n * min(rows, ny) * nx, np.float32))
+    tasks = [(reader, writer, kernel, prepare, y0, y1, blocks, summary) for y0, y1 in strips]
+    if progress is not None:
+        progress(0, len(tasks))
+    if num_workers <= 1:
+        for done, task in enumerate(tasks, 1):
+            _strip_task(*task)
+            if progress is not None:
+                progress(done, len(tasks))
+    else:
+        with ThreadPoolExecutor(max_workers=num_workers,
+                                thread_name_prefix="stacker-strip") as pool:
+            futures = [pool.submit(_strip_task, *task) for task in tasks]
+            try:
+                for done, future in enumerate(as_completed(futures), 1):
+                    future.result()
+                    if progress is not None:
+                        progress(done, len(tasks))
+            except BaseException:
+                # Stop handing out strips; leaving the pool waits for the ones running,
+                # so that nothing writes to the master after the caller aborts it.
+                for future in futures:
+                    future.cancel()
+                raise
+    return summary.result(writer, rows)
 
 
 def _strip_task(reader: StripReader, writer: MasterWriter, kernel: Callable,
-                prepare: Prepare | None, y0: int, y1: int, blocks: queue.SimpleQueue) -> None:
+                prepare: Prepare | None, y0: int, y1: int, blocks: queue.SimpleQueue,
+                summary: StripSummary) -> None:
     buffer = blocks.get()
     try:
         n, _, nx = reader.shape
@@ -128,6 +161,7 @@ def _strip_task(reader: StripReader, writer: MasterWriter, kernel: Callable,
     finally:
         blocks.put(buffer)
     writer.write(y0, image, used)
+    summary.add(y0, image, used)
 
 
 def sample_rows(ny: int, nx: int, pixels: int = LEVEL_SAMPLE_PIXELS) -> list[int]:
@@ -157,76 +191,102 @@ class MasterStats:
                            self.used_min, self.used_max)
 
 
+class StripSummary:
+    """Statistics of a master gathered strip by strip, as the strips are written.
+
+    Each strip adds its rows' sums, its extremes and frames-used counts, and a histogram of
+    its values by the top 16 bits of their order-preserving 32-bit keys (`stacker._fast`):
+    no range is needed in advance, and the two bins holding the middle ranks are known when
+    the last strip is in. `result` reads the image back once to histogram the low 16 bits of
+    the values in those bins, which gives the exact median. Strips may be added from several
+    threads in any order: sums are kept per row and added in row order at the end, so the
+    result does not depend on threads or strip heights (a cluster run equals a local one).
+    """
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        ny, _ = shape
+        self._lock = threading.Lock()
+        self.count = 0
+        self.row_s1 = np.zeros(ny, np.float64)
+        self.row_s2 = np.zeros(ny, np.float64)
+        self.lo = np.inf
+        self.hi = -np.inf
+        self.pixels = 0
+        self.used_sum = 0
+        self.used_lo = np.iinfo(np.int64).max
+        self.used_hi = 0
+        self.hist = np.zeros(KEY_BINS, np.int64)
+
+    def add(self, y0: int, image: np.ndarray, used: np.ndarray) -> None:
+        """Add the strip of rows [y0, y0 + h): the float32 image and its frames-used counts."""
+        from stacker import _fast
+
+        hist = np.zeros(KEY_BINS, np.int64)
+        image = np.ascontiguousarray(image, dtype=np.float32)
+        y1 = y0 + image.shape[0]
+        count, lo, hi = _fast.summarize(image, image.view(np.uint32), hist,
+                                        self.row_s1[y0:y1], self.row_s2[y0:y1])
+        used = np.asarray(used)
+        u_sum, u_lo, u_hi = int(used.sum(dtype=np.int64)), int(used.min()), int(used.max())
+        with self._lock:
+            self.count += count
+            self.lo = min(self.lo, lo)
+            self.hi = max(self.hi, hi)
+            self.pixels += image.size
+            self.used_sum += u_sum
+            self.used_lo = min(self.used_lo, u_lo)
+            self.used_hi = max(self.used_hi, u_hi)
+            self.hist += hist
+
+    def result(self, writer: MasterWriter, rows: int) -> MasterStats:
+        """The statistics of everything added; reads the image back from `writer` once."""
+        used_mean = self.used_sum / self.pixels if self.pixels else 0.0
+        n_nan = self.pixels - self.count
+        if self.count == 0:
+            nan = float("nan")
+            return MasterStats(nan, nan, nan, nan, nan, n_nan, used_mean, self.used_lo,
+                               self.used_hi)
+        mean = self.row_s1.sum() / self.count
+        std = float(np.sqrt(max(self.row_s2.sum() / self.count - mean * mean, 0.0)))
+        a, b = self._middle(writer, rows)
+        return MasterStats(float(mean), float((a + b) / 2), std, float(self.lo),
+                           float(self.hi), n_nan, float(used_mean), self.used_lo, self.used_hi)
+
+    def _middle(self, writer: MasterWriter, rows: int) -> tuple[float, float]:
+        """The values of ranks (n-1)//2 and n//2 (0-based) among the finite values."""
+        from stacker import _fast
+
+        ranks = ((self.count - 1) // 2, self.count // 2)
+        cum = np.cumsum(self.hist)
+        bins = [int(np.searchsorted(cum, k, side="right")) for k in ranks]
+        within = [k - (int(cum[b - 1]) if b > 0 else 0) for k, b in zip(ranks, bins, strict=True)]
+        low = np.zeros((2, KEY_BINS), np.int64)
+        for y0, y1 in plan_strips(writer.shape[0], rows):
+            image = np.ascontiguousarray(writer.read_image(y0, y1), dtype=np.float32)
+            _fast.low_histogram(image, image.view(np.uint32), bins[0], bins[1], low)
+        keys = []
+        for i in range(2):
+            t = int(np.searchsorted(np.cumsum(low[i]), within[i], side="right"))
+            keys.append((bins[i] << 16) | t)
+        values = _fast.key_values(np.array(keys, np.uint32))
+        return float(values[0]), float(values[1])
+
+
+#: Bins of the first-level histogram of a strip summary (the top 16 bits of a key).
+KEY_BINS = 1 << 16
+
+
 def master_statistics(writer: MasterWriter, rows: int) -> MasterStats:
     """Exact statistics of the image written so far, read back strip by strip.
 
     The master is N times smaller than its inputs, so this pass is cheap; the median is
-    exact (histogram refinement, `_exact_median`) without holding the image in memory.
+    exact (`StripSummary`) without holding the image in memory. A build gathers the same
+    statistics while it writes (`combine_into`); this reads them from the file.
     """
-    from stacker import _fast
-
-    ny, _ = writer.shape
-    strips = plan_strips(ny, rows)
-    total = s1 = s2 = 0.0
-    lo, hi = np.inf, -np.inf
-    used_sum, used_lo, used_hi = 0.0, np.iinfo(np.int32).max, 0
-    for y0, y1 in strips:
-        count, a1, a2, a_lo, a_hi = _fast.moments(writer.read_image(y0, y1))
-        total, s1, s2 = total + count, s1 + a1, s2 + a2
-        lo, hi = min(lo, a_lo), max(hi, a_hi)
-        used = writer.read_count(y0, y1)
-        used_sum += used.sum()
-        used_lo, used_hi = min(used_lo, int(used.min())), max(used_hi, int(used.max()))
-    n_nan = ny * writer.shape[1] - int(total)
-    if total == 0:
-        nan = float("nan")
-        return MasterStats(nan, nan, nan, nan, nan, n_nan, 0.0, used_lo, used_hi)
-    mean = s1 / total
-    std = float(np.sqrt(max(s2 / total - mean * mean, 0.0)))
-    median = _exact_median(writer, strips, lo, hi, int(total))
-    return MasterStats(float(mean), median, std, float(lo), float(hi), n_nan,
-                       float(used_sum / (ny * writer.shape[1])), used_lo, used_hi)
-
-
-def _exact_median(writer: MasterWriter, strips, lo: float, hi: float, n: int) -> float:
-    """Median of the finite image values by narrowing a histogram until a bin is small."""
-    k1, k2 = (n - 1) // 2, n // 2
-    a, b = _kth(writer, strips, lo, hi, k1, k2)
-    if b is None:  # the two middle values fell in different bins (rare): find the upper one
-        b, _ = _kth(writer, strips, lo, hi, k2, k2)
-    return float((a + b) / 2)
-
-
-def _kth(writer: MasterWriter, strips, lo: float, hi: float, k: int,
-         k2: int) -> tuple[float, float | None]:
-    """The k-th (and, if in the same final bin, the k2-th) smallest finite value (0-based)
-    of the image, all of whose finite values lie in [lo, hi]."""
-    from stacker import _fast
-
-    below = 0  # values known to rank before the current range
-    last = True  # whether the current range includes `hi` (only the top bin does)
-    for _ in range(64):  # each pass narrows the range 4096-fold; float64 runs out first
-        if lo >= hi:
-            return float(lo), float(lo)
-        edges = np.linspace(lo, hi, 4097)
-        counts = np.zeros(4096, dtype=np.int64)
-        for y0, y1 in strips:
-            _fast.histogram(writer.read_image(y0, y1), edges, last, counts)
-        cum = np.cumsum(counts)
-        b = int(np.searchsorted(cum, k - below, side="right"))
-        below += int(cum[b - 1]) if b > 0 else 0
-        last = last and b == 4095
-        lo, hi = edges[b], edges[b + 1]
-        if counts[b] <= 2_000_000:
-            values = np.empty(int(counts[b]), np.float64)
-            end = 0
-            for y0, y1 in strips:
-                end = _fast.collect(writer.read_image(y0, y1), lo, hi, last, values, end)
-            if k2 - below < values.size:
-                part = np.partition(values, [k - below, k2 - below])
-                return float(part[k - below]), float(part[k2 - below])
-            return float(np.partition(values, k - below)[k - below]), None
-    raise RuntimeError("median did not converge")  # pragma: no cover
+    summary = StripSummary(writer.shape)
+    for y0, y1 in plan_strips(writer.shape[0], rows):
+        summary.add(y0, writer.read_image(y0, y1), writer.read_count(y0, y1))
+    return summary.result(writer, rows)
 
 
 def normalize_in_place(writer: MasterWriter, factor: float, rows: int) -> None:

@@ -26,7 +26,6 @@ from stacker.combine import (
     MasterStats,
     Prepare,
     combine_into,
-    master_statistics,
     normalize_in_place,
     sample_rows,
 )
@@ -318,13 +317,11 @@ def build_master(job: Job, settings: Settings, path: Path, calibration: Path | N
     writer = MasterWriter.create(path, (ny, nx), header, _count_header(),
                                  _inputs_table(frames, levels, scales))
     try:
-        callbacks = [_ProgressCallback(job.id, progress)] if progress else []
         log.debug("%s: %d frames of %dx%d in strips of %d rows on %d workers", job.id, n, nx,
                   ny, rows, w)
-        combine_into(reader, writer, kernel, rows, prepare=prepare, num_workers=w,
-                     callbacks=callbacks)
+        stats = combine_into(reader, writer, kernel, rows, prepare=prepare, num_workers=w,
+                             progress=_job_progress(job.id, progress))
         back = stats_rows(settings.memory_limit, nx)
-        stats = master_statistics(writer, back)
         cards = _stat_cards(stats, n)
         if job.kind == "flat":
             factor = _norm_factor(stats, settings.normalization_method, job)
@@ -405,23 +402,11 @@ def _stats_dict(stats: MasterStats, n: int, levels, scales) -> dict[str, Any]:
     return out
 
 
-class _ProgressCallback:
-    """Counts finished tasks of a job's graph and reports them (dask scheduler callback)."""
-
-    def __new__(cls, job_id: str, progress: ProgressFn):
-        from dask.callbacks import Callback
-
-        class _CB(Callback):
-            def _start_state(self, dsk, state):
-                self.total = len(dsk)
-                self.done = 0
-                progress(job_id, 0, self.total)
-
-            def _posttask(self, key, result, dsk, state, worker_id):
-                self.done += 1
-                progress(job_id, self.done, self.total)
-
-        return _CB()
+def _job_progress(job_id: str, progress: ProgressFn | None):
+    """`combine_into`'s ``progress(done, total)`` reporting for one job, or None."""
+    if progress is None:
+        return None
+    return lambda done, total: progress(job_id, done, total)
 
 
 # --------------------------------------------------------------------------------------------

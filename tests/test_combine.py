@@ -10,8 +10,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from stacker import _fast
 from stacker.combine import (
     Prepare,
+    combine_into,
     frame_stack,
     master_statistics,
     normalize_in_place,
@@ -20,6 +22,7 @@ from stacker.combine import (
 )
 from stacker.frames import read_frame
 from stacker.io import MasterWriter, StripReader, plan_strips
+from stacker.kernels import Mean, SigmaClip
 
 
 def _mean(block):
@@ -97,6 +100,8 @@ def _written(tmp_path, image):
                                  st.sampled_from([0.0, 1.0, 1.0000001]))))
 @example(np.array([[np.nan, np.nan]], np.float32))
 @example(np.full((3, 3), 7.0, np.float32))
+@example(np.array([[-0.0, 0.0, -1e-45, 1e-45, -3.0, 2.5]], np.float32))  # signs, subnormals
+@example(np.array([[1.0, np.inf, -np.inf, 2.0]], np.float32))  # inf is not a value
 def test_master_statistics_are_exact(tmp_path_factory, image):
     w = _written(tmp_path_factory.mktemp("stats"), image)
     stats = master_statistics(w, rows=2)
@@ -127,3 +132,34 @@ def test_normalize_in_place(tmp_path):
     normalize_in_place(w, 4.0, rows=3)
     np.testing.assert_array_equal(w.read_image(0, 4), image / 4)
     w.abort()
+
+
+@settings(max_examples=100, deadline=None)
+@given(arrays(np.float32, st.integers(1, 50), elements=st.floats(width=32, allow_nan=False,
+                                                                  allow_infinity=False)))
+def test_keys_order_like_the_values_and_invert(values):
+    keys = np.array([_fast._key(b) for b in values.view(np.uint32)], np.uint32)
+    order = np.argsort(keys, kind="stable")
+    assert (np.diff(values[order].astype(np.float64)) >= 0).all()
+    np.testing.assert_array_equal(_fast.key_values(keys).view(np.uint32),
+                                  values.view(np.uint32))
+
+
+def test_combine_into_writes_the_master_and_returns_its_exact_statistics(tmp_path):
+    """Strips on two threads: the image is the kernel of the whole stack, the streamed
+    statistics are those read back from the file and those of numpy."""
+    reader = _reader(tmp_path, n=5, shape=(37, 11))
+    for kernel in (Mean(), SigmaClip()):
+        w = MasterWriter.create(tmp_path / "c.fits", (37, 11), fits.Header(), fits.Header())
+        seen: list[tuple[int, int]] = []
+        stats = combine_into(reader, w, kernel, rows=4, num_workers=2,
+                             progress=lambda done, total, seen=seen: seen.append((done, total)))
+        image, used = kernel(reader.read(0, 37))
+        np.testing.assert_array_equal(w.read_image(0, 37), image)
+        # identical whatever the threads and strip heights (a cluster run equals a local one)
+        assert stats == master_statistics(w, rows=5) == master_statistics(w, rows=37)
+        assert stats.median == np.median(image.astype(np.float64))
+        assert (stats.min, stats.max) == (image.min(), image.max())
+        assert (stats.used_min, stats.used_max) == (used.min(), used.max())
+        assert seen == [(i, 10) for i in range(11)]
+        w.abort()
