@@ -135,11 +135,26 @@ class StripReader:
         ny, nx = self.frames[0].shape
         return (len(self.frames), ny, nx)
 
+    @property
+    def dtype(self) -> np.dtype:
+        """uint16 when every frame is plain camera data (FITS uint16: BITPIX 16, BZERO 32768,
+        no BSCALE or BLANK, not compressed), float32 otherwise: the narrowest type that holds
+        every physical value exactly (NaN for missing ones)."""
+        if all(_is_uint16(f) and not f.compressed and f.blank is None for f in self.frames):
+            return np.dtype(np.uint16)
+        return np.dtype(np.float32)
+
     def read(self, y0: int, y1: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows ``[y0, y1)`` of every frame as float32 ``(N, y1 - y0, nx)``; missing = NaN."""
+        """Rows ``[y0, y1)`` of every frame as ``(N, y1 - y0, nx)``; missing = NaN.
+
+        Float32 unless `out` is given: a uint16 `out` receives the frames' values as they
+        are, when `dtype` is uint16.
+        """
         n, _, nx = self.shape
         if out is None:
             out = np.empty((n, y1 - y0, nx), dtype=np.float32)
+        elif out.dtype != np.float32 and out.dtype != self.dtype:
+            raise ValueError(f"these frames cannot be read into {out.dtype}: use {self.dtype}")
         for i, frame in enumerate(self.frames):
             read_rows_into(frame, y0, y1, out[i])
         return out
@@ -232,8 +247,12 @@ def _staging(nbytes: int) -> np.ndarray:
     return buf[:nbytes]
 
 
+def _is_uint16(frame: Frame) -> bool:
+    return frame.bitpix == 16 and frame.bscale == 1.0 and frame.bzero == 32768.0
+
+
 def _to_physical(frame: Frame, raw: np.ndarray, out: np.ndarray) -> None:
-    if frame.bitpix == 16 and frame.bscale == 1.0 and frame.bzero == 32768.0:
+    if _is_uint16(frame):
         # uint16 stored as int16 + 32768 (every CMOS camera): swapping the bytes and flipping
         # the sign bit gives the value exactly; one compiled pass that releases the GIL.
         from stacker._fast import uint16_from_fits

@@ -42,6 +42,20 @@ def test_strips_read_in_several_pieces_are_the_frame(fitsfile, monkeypatch, dtyp
         np.testing.assert_array_equal(reader.read(y0, y1)[0], data[y0:y1].astype(np.float32))
 
 
+def test_camera_frames_are_read_as_uint16_and_others_as_float32(fitsfile):
+    data = RNG.integers(0, 65535, size=(9, 13)).astype(np.uint16)
+    camera = read_frame(fitsfile("cam.fits", data, IMAGETYP="Dark Frame", EXPTIME=1.0))
+    other = read_frame(fitsfile("f.fits", data.astype(np.float32), IMAGETYP="Dark Frame",
+                                EXPTIME=1.0))
+    reader = StripReader((camera, camera))
+    assert reader.dtype == np.uint16
+    out = np.empty((2, 5, 13), np.uint16)
+    np.testing.assert_array_equal(reader.read(2, 7, out=out)[1], data[2:7])
+    assert StripReader((camera, other)).dtype == np.float32
+    with pytest.raises(ValueError, match="uint16"):
+        StripReader((camera, other)).read(0, 1, out=np.empty((2, 1, 13), np.uint16))
+
+
 def test_uint16_is_stored_with_bzero_and_decoded_exactly(fitsfile):
     data = np.array([[0, 1, 32767, 32768, 65535]], dtype=np.uint16)
     frame = read_frame(fitsfile("u.fits", data, IMAGETYP="Dark Frame", EXPTIME=1.0))

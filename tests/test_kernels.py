@@ -113,10 +113,10 @@ def test_median_and_mean_match_reference(block):
     assert_same(Mean()(block), mean_reference(block), block)
 
 
-# Sorted tiles hold 32 pixels: widths from 29 to 70 give full tiles, ragged last tiles and
+# Sorted tiles hold 64 pixels: widths from 60 to 135 give full tiles, ragged last tiles and
 # rows of several tiles; frame counts beyond 32 give networks of more than one merge level.
 wide_blocks = arrays(np.float32, st.tuples(st.integers(1, 70), st.integers(1, 2),
-                                           st.integers(29, 70)), elements=values)
+                                           st.integers(60, 135)), elements=values)
 
 
 @settings(max_examples=25, deadline=None)
@@ -125,6 +125,26 @@ def test_kernels_on_rows_of_several_tiles_match_reference(block, options, nlow, 
     assert_same(SigmaClip(**options)(block), sigma_clip_reference(block, **options), block)
     assert_same(MinMax(nlow, nhigh)(block), minmax_reference(block, nlow, nhigh), block)
     assert_same(Median()(block), median_reference(block), block)
+
+
+uint16_blocks = arrays(np.uint16, st.tuples(st.integers(1, 70), st.integers(1, 2),
+                                            st.integers(1, 135)),
+                      elements=st.one_of(st.integers(0, 65535), st.integers(1000, 1004),
+                                         st.sampled_from([0, 65535])))
+
+
+@settings(max_examples=40, deadline=None)
+@given(uint16_blocks, sigma_options, st.integers(0, 3), st.integers(0, 3))
+def test_uint16_blocks_give_exactly_the_float32_results(block, options, nlow, nhigh):
+    """Camera data read as uint16 (no conversion) combine to the very same bits."""
+    as_float = block.astype(np.float32)
+    for kernel in (SigmaClip(**options), MinMax(nlow, nhigh), Median(), Mean()):
+        image, used = kernel(block)
+        ref_image, ref_used = kernel(as_float)
+        np.testing.assert_array_equal(image, ref_image)
+        np.testing.assert_array_equal(used, ref_used)
+    assert_same(SigmaClip(**options)(block), sigma_clip_reference(as_float, **options),
+                as_float)
 
 
 @settings(max_examples=60, deadline=None)
