@@ -36,6 +36,8 @@ from stacker.io import (
     READ_BYTES_PER_VALUE,
     MasterWriter,
     StripReader,
+    TableColumn,
+    bintable_bytes,
     image_header_bytes,
     stats_rows,
 )
@@ -498,17 +500,22 @@ def _count_header() -> Header:
     return h
 
 
-def _inputs_table(frames: tuple[Frame, ...], levels, scales):
-    from astropy.io import fits
+def _inputs_table(frames: tuple[Frame, ...], levels: list[float] | None,
+                  scales: list[float] | None) -> bytes:
+    """The INPUTS binary table of a master, serialized: one row per combined frame.
 
-    cols = [fits.Column("PATH", f"{max(len(str(f.path)) for f in frames)}A",
-                        array=[str(f.path) for f in frames]),
-            fits.Column("EXPTIME", "D", array=[_nan(f.exptime) for f in frames]),
-            fits.Column("CCD_TEMP", "D", array=[_nan(f.ccd_temp) for f in frames]),
-            fits.Column("DATE_OBS", "32A", array=[f.date_obs or "" for f in frames])]
+    Columns PATH, EXPTIME, CCD_TEMP, DATE_OBS (NaN / empty when a header lacks the value)
+    and, for flats, LEVEL and SCALE. An 'A' column holds ASCII only: a non-ASCII path
+    raises ValueError naming it.
+    """
+    paths = [str(f.path) for f in frames]
+    cols = [TableColumn("PATH", f"{max([1, *map(len, paths)])}A", paths),
+            TableColumn("EXPTIME", "D", [_nan(f.exptime) for f in frames]),
+            TableColumn("CCD_TEMP", "D", [_nan(f.ccd_temp) for f in frames]),
+            TableColumn("DATE_OBS", "32A", [f.date_obs or "" for f in frames])]
     if levels is not None:
-        cols += [fits.Column("LEVEL", "D", array=levels), fits.Column("SCALE", "D", array=scales)]
-    return fits.BinTableHDU.from_columns(cols, name="INPUTS")
+        cols += [TableColumn("LEVEL", "D", levels), TableColumn("SCALE", "D", scales)]
+    return bintable_bytes(cols, "INPUTS")
 
 
 def _nan(v: float | None) -> float:
