@@ -16,6 +16,7 @@ import math
 import os
 import re
 import threading
+import urllib.parse
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -439,7 +440,7 @@ class TableColumn:
     format : str
         ``TFORMn``: ``"D"`` (float64) or ``"rA"`` (ASCII text of ``r`` bytes).
     values : sequence of float or of str
-        One value per row; text must be printable ASCII.
+        One value per row; text must be printable ASCII (see `fits_ascii`).
     """
 
     name: str
@@ -521,7 +522,7 @@ def _tform_dtype(column: TableColumn) -> str:
 def _ascii_bytes(column: str, row: int, text: str) -> bytes:
     if not (text.isascii() and text.isprintable()):
         raise ValueError(f"column {column}, row {row}: {text!r} is not printable ASCII "
-                         "(FITS 'A' fields hold ASCII text)")
+                         "(FITS 'A' fields hold ASCII text; see fits_ascii)")
     return text.encode("ascii")
 
 
@@ -536,6 +537,37 @@ def _fixed_card(key: str, value: int | str, comment: str) -> str:
     if len(card) > 80 or not (card.isascii() and card.isprintable()):
         raise ValueError(f"header card {key} = {value!r} does not fit one ASCII card")
     return card.ljust(80)
+
+
+#: Printable ASCII that `fits_ascii` keeps as it is: everything but '%', its escape character.
+_KEPT = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def fits_ascii(text: str) -> str:
+    """`text` as printable ASCII for a FITS string: other bytes percent-encoded (RFC 3986).
+
+    FITS header values and binary-table ``A`` fields hold ASCII text only (FITS 4.0,
+    sections 4.2.1 and 7.3.3.1), and trailing spaces are not significant there (astropy
+    strips them on reading). File names, though, can hold any character. Rather than
+    refuse such a file (a master's provenance is no reason to fail the master), every byte
+    of its file-system encoding (UTF-8, or the raw bytes of an undecodable name) outside
+    printable ASCII, every ``%`` and any trailing space is written ``%XX``, as in a
+    ``file:`` URL. The rule loses nothing and leaves ordinary paths as they are:
+    ``os.fsdecode(urllib.parse.unquote_to_bytes(value))`` gives the original back.
+
+    Examples
+    --------
+    >>> fits_ascii("/data/données/dark 1.fits")
+    '/data/donn%C3%A9es/dark 1.fits'
+    >>> fits_ascii("/data/100%.fits ")
+    '/data/100%25.fits%20'
+    """
+    if text.isascii() and text.isprintable() and "%" not in text and not text.endswith(" "):
+        return text
+    raw = os.fsencode(text)
+    body = raw.rstrip(b" ")
+    return (urllib.parse.quote_from_bytes(body, safe=_KEPT)
+            + "%20" * (len(raw) - len(body)))
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

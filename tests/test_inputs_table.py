@@ -7,9 +7,11 @@ cost ~0.15 s of every run. The reference here is the code it replaced, run with 
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import textwrap
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from astropy.io import fits
 
 from stacker.engine import _inputs_table, _nan
 from stacker.frames import Frame
-from stacker.io import BLOCK, MasterWriter, TableColumn, bintable_bytes
+from stacker.io import BLOCK, MasterWriter, TableColumn, bintable_bytes, fits_ascii
 from stacker.simulate import CameraModel, SimulationSpec, simulate
 
 SHAPE = (6, 5)
@@ -97,6 +99,29 @@ def test_inputs_table_reads_back_as_astropy_wrote_it(tmp_path, kind):
             np.testing.assert_array_equal(data["SCALE"], SCALES)
 
 
+def test_paths_astropy_cannot_write_are_stored_as_ascii_that_decodes_back(tmp_path):
+    paths = ["/data/plain/dark.fits", "/data/données/dark.fits",
+             os.fsdecode(b"/data/\xe9t\xe9/dark.fits"),  # not UTF-8: a surrogate escape
+             "/data/100%/dark.fits", "/data/dark.fits  ", "/data/new\nline.fits"]
+    frames = tuple(frame(p) for p in paths)
+    path = write_master(tmp_path / "master.fits", _inputs_table(frames, None, None))
+    with fits.open(path) as hdul:
+        hdul.verify("exception")
+        stored = list(hdul["INPUTS"].data["PATH"])
+    assert stored[0] == paths[0]  # ordinary paths are stored as they are
+    assert stored[1] == "/data/donn%C3%A9es/dark.fits"
+    for value, original in zip(stored, paths, strict=True):
+        assert value.isascii() and value.isprintable()
+        assert os.fsdecode(urllib.parse.unquote_to_bytes(value)) == original
+
+
+def test_fits_ascii_leaves_printable_ascii_alone():
+    assert fits_ascii("/data/darks/dark 300s (1).fits") == "/data/darks/dark 300s (1).fits"
+    assert fits_ascii("") == ""
+    assert fits_ascii("/x/50%") == "/x/50%25"
+    assert fits_ascii("/x/a b  ") == "/x/a b%20%20"
+
+
 def test_bintable_bytes_refuses_what_it_cannot_write(tmp_path):
     with pytest.raises(ValueError, match=r"column PATH, row 1: 'é.fits' is not printable ASCII"):
         bintable_bytes([TableColumn("PATH", "8A", ["a.fits", "é.fits"])], "INPUTS")
@@ -134,8 +159,8 @@ BUILD = textwrap.dedent("""
 
 
 def test_a_master_build_never_imports_astropy_table(tmp_path):
-    """A whole run in a fresh process."""
-    raw = tmp_path / "raw"
+    """A whole run in a fresh process, on inputs in a folder whose name is not ASCII."""
+    raw = tmp_path / "données"
     simulate(raw, SimulationSpec(camera=CameraModel(shape=(12, 16)), n_bias=3,
                                  dark_exposures=(1.0,), n_darks=3, n_flats=3, seed=5))
     out = tmp_path / "out"
@@ -150,5 +175,9 @@ def test_a_master_build_never_imports_astropy_table(tmp_path):
         with fits.open(master) as hdul:
             hdul.verify("exception")
             stored = list(hdul["INPUTS"].data["PATH"])
+            history = "".join(hdul[0].header["HISTORY"])  # long cards wrap at 72 characters
         assert len(stored) == 3
-        assert all(Path(value).is_file() for value in stored)
+        for value in stored:
+            assert "donn%C3%A9es" in value
+            assert Path(os.fsdecode(urllib.parse.unquote_to_bytes(value))).is_file()
+            assert f"input: {value}" in history
