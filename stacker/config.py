@@ -244,7 +244,7 @@ def _path(*, example: str, optional: bool = False) -> Check:
             return None
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
-        if not isinstance(value, str) or not value.strip():
+        if not isinstance(value, str) or not value.strip() or "\x00" in value:
             fix = f"write e.g. {example}" + (", or null" if optional else "")
             raise ConfigError(f"{path}: {value!r} is not a folder path; {fix}")
         # abspath (not resolve): normalizes '..' without following symlinks the user chose.

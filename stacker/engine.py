@@ -35,6 +35,9 @@ from stacker.io import (
     READ_BYTES_PER_VALUE,
     MasterWriter,
     StripReader,
+    TableColumn,
+    bintable_bytes,
+    fits_ascii,
     image_header_bytes,
     stats_rows,
 )
@@ -449,10 +452,11 @@ def master_header(job: Job, settings: Settings, frames: tuple[Frame, ...],
         h[key] = (0.0, comment)  # reserved; filled in place once the image is complete
     if job.kind == "flat":
         h["NORMFACT"] = (1.0, f"divisor: {settings.normalization_method} of the combined flat")
+    # Header text is ASCII: a non-ASCII path is written percent-encoded (see fits_ascii).
     for frame in frames:
-        h.add_history(f"input: {frame.path}")
+        h.add_history(f"input: {fits_ascii(str(frame.path))}")
     for frame in sorted(set(job.frames) - set(frames), key=lambda f: str(f.path)):
-        h.add_history(f"rejected by quality control: {frame.path}")
+        h.add_history(f"rejected by quality control: {fits_ascii(str(frame.path))}")
     return h
 
 
@@ -483,17 +487,23 @@ def _count_header() -> Header:
     return h
 
 
-def _inputs_table(frames: tuple[Frame, ...], levels, scales):
-    from astropy.io import fits
+def _inputs_table(frames: tuple[Frame, ...], levels: list[float] | None,
+                  scales: list[float] | None) -> bytes:
+    """The INPUTS binary table of a master, serialized: one row per combined frame.
 
-    cols = [fits.Column("PATH", f"{max(len(str(f.path)) for f in frames)}A",
-                        array=[str(f.path) for f in frames]),
-            fits.Column("EXPTIME", "D", array=[_nan(f.exptime) for f in frames]),
-            fits.Column("CCD_TEMP", "D", array=[_nan(f.ccd_temp) for f in frames]),
-            fits.Column("DATE_OBS", "32A", array=[f.date_obs or "" for f in frames])]
+    Columns PATH, EXPTIME, CCD_TEMP, DATE_OBS (NaN / empty when a header lacks the value)
+    and, for flats, LEVEL and SCALE. Paths go through `fits_ascii`: an 'A' column holds
+    ASCII only, so a non-ASCII file name is stored percent-encoded rather than failing
+    the master (astropy would raise UnicodeEncodeError, naming no file).
+    """
+    paths = [fits_ascii(str(f.path)) for f in frames]
+    cols = [TableColumn("PATH", f"{max([1, *map(len, paths)])}A", paths),
+            TableColumn("EXPTIME", "D", [_nan(f.exptime) for f in frames]),
+            TableColumn("CCD_TEMP", "D", [_nan(f.ccd_temp) for f in frames]),
+            TableColumn("DATE_OBS", "32A", [fits_ascii(f.date_obs or "") for f in frames])]
     if levels is not None:
-        cols += [fits.Column("LEVEL", "D", array=levels), fits.Column("SCALE", "D", array=scales)]
-    return fits.BinTableHDU.from_columns(cols, name="INPUTS")
+        cols += [TableColumn("LEVEL", "D", levels), TableColumn("SCALE", "D", scales)]
+    return bintable_bytes(cols, "INPUTS")
 
 
 def _nan(v: float | None) -> float:

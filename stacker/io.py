@@ -6,14 +6,17 @@ contiguous run of bytes. It keeps no file open between calls (Linux allows 1024 
 macOS 256), holds only paths and offsets, and so pickles to cluster workers.
 
 `MasterWriter` preallocates the master's file under a temporary name, takes strips as they
-are computed, and renames the file into place only when it is complete.
+are computed, and renames the file into place only when it is complete. `bintable_bytes`
+serializes the small INPUTS table of a master without astropy's table machinery.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import threading
+import urllib.parse
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,7 +29,7 @@ from stacker.errors import FrameReadError, MemoryBudgetError
 from stacker.frames import Frame
 
 if TYPE_CHECKING:
-    from astropy.io.fits import BinTableHDU, Header
+    from astropy.io.fits import Header
 
 BLOCK = 2880  # FITS record size
 
@@ -311,9 +314,16 @@ class MasterWriter:
         shape: tuple[int, int],
         header: Header,
         count_header: Header,
-        table: BinTableHDU | None = None,
+        extensions: bytes = b"",
     ) -> MasterWriter:
-        """Lay out the file: headers, preallocated data, and the optional inputs table."""
+        """Lay out the file: headers, preallocated data, then `extensions` as they are.
+
+        `extensions` are complete extension HDUs, padded to FITS records (the inputs table
+        from `bintable_bytes`).
+        """
+        if len(extensions) % BLOCK:
+            raise ValueError(f"extensions must be whole {BLOCK}-byte records, "
+                             f"got {len(extensions)} bytes")
         ny, nx = shape
         head0 = image_header_bytes(header, shape, bitpix=-32, primary=True)
         head1 = image_header_bytes(count_header, shape, bitpix=16, primary=False)
@@ -321,7 +331,6 @@ class MasterWriter:
         count_header_offset = image_offset + _padded(ny * nx * 4)
         count_offset = count_header_offset + len(head1)
         end = count_offset + _padded(ny * nx * 2)
-        tail = extension_bytes(table) if table is not None else b""
         temp = final_path.with_name(f".{final_path.name}.part")
         try:
             with open(temp, "wb") as fh:
@@ -330,7 +339,7 @@ class MasterWriter:
                 fh.write(head1)
                 fh.truncate(end)  # sparse data: zeros read back until strips arrive
                 fh.seek(end)
-                fh.write(tail)
+                fh.write(extensions)
         except BaseException:
             temp.unlink(missing_ok=True)  # a full disk here leaves nothing behind
             raise
@@ -439,15 +448,145 @@ _STRUCTURAL = {"SIMPLE", "XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXT
                "PCOUNT", "GCOUNT", "BZERO", "BSCALE"}
 
 
-def extension_bytes(hdu: BinTableHDU) -> bytes:
-    """The bytes of one extension HDU as it would stand after a primary HDU."""
-    import io as _io
+@dataclass(frozen=True)
+class TableColumn:
+    """One column of a FITS binary table.
 
-    from astropy.io import fits
+    Parameters
+    ----------
+    name : str
+        ``TTYPEn``.
+    format : str
+        ``TFORMn``: ``"D"`` (float64) or ``"rA"`` (ASCII text of ``r`` bytes).
+    values : sequence of float or of str
+        One value per row; text must be printable ASCII (see `fits_ascii`).
+    """
 
-    buf = _io.BytesIO()
-    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(buf)
-    return buf.getvalue()[BLOCK:]  # an empty primary header is exactly one record
+    name: str
+    format: str
+    values: Sequence[float] | Sequence[str]
+
+
+def bintable_bytes(columns: Sequence[TableColumn], extname: str) -> bytes:
+    """Serialize a binary table extension (XTENSION='BINTABLE'), ready to follow other HDUs.
+
+    The header has the mandatory keywords in the standard's order (as astropy writes them),
+    then ``TTYPEn``/``TFORMn`` per column and ``EXTNAME``; rows are packed big-endian with
+    no gaps. Header and data are each padded to 2880-byte records, the header with spaces
+    and the data with zero bytes. Text shorter than its field is padded with NUL bytes (the
+    standard's terminator; readers such as astropy strip it) and longer text is cut to the
+    field, as ``astropy.io.fits.BinTableHDU.from_columns`` does; the bytes are the same as
+    that writer's for these formats. Building the table this way never imports
+    ``astropy.table`` (~0.15 s of every run).
+
+    Parameters
+    ----------
+    columns : sequence of TableColumn
+        The columns, all with the same number of values.
+    extname : str
+        ``EXTNAME`` of the extension.
+
+    Returns
+    -------
+    bytes
+        The extension HDU, a whole number of 2880-byte records.
+
+    Raises
+    ------
+    ValueError
+        For an unsupported format, columns of different lengths, or text that is not
+        printable ASCII (naming the column, the row and the value).
+    """
+    rows = {len(c.values) for c in columns}
+    if len(rows) > 1:
+        raise ValueError(f"columns of different lengths: "
+                         f"{ {c.name: len(c.values) for c in columns} }")
+    nrows = rows.pop() if rows else 0
+    fields = [(c.name, _tform_dtype(c)) for c in columns]
+    table = np.zeros(nrows, dtype=np.dtype(fields))
+    for c in columns:
+        if c.format.endswith("A"):
+            table[c.name] = [_ascii_bytes(c.name, i, v) for i, v in enumerate(c.values)]
+        else:
+            table[c.name] = np.asarray(c.values, dtype=np.float64)
+    cards = [("XTENSION", "BINTABLE", "binary table extension"),
+             ("BITPIX", 8, "array data type"),
+             ("NAXIS", 2, "number of array dimensions"),
+             ("NAXIS1", table.dtype.itemsize, "length of dimension 1"),
+             ("NAXIS2", nrows, "length of dimension 2"),
+             ("PCOUNT", 0, "number of group parameters"),
+             ("GCOUNT", 1, "number of groups"),
+             ("TFIELDS", len(columns), "number of table fields")]
+    for n, c in enumerate(columns, 1):
+        cards += [(f"TTYPE{n}", c.name, ""), (f"TFORM{n}", c.format, "")]
+    cards.append(("EXTNAME", extname, "extension name"))
+    header = "".join(_fixed_card(*card) for card in cards) + "END".ljust(80)
+    data = table.tobytes()
+    return (header.ljust(_padded(len(header))).encode("ascii")
+            + data + bytes(_padded(len(data)) - len(data)))
+
+
+_TFORM = re.compile(r"(\d*)([AD])")
+
+
+def _tform_dtype(column: TableColumn) -> str:
+    match = _TFORM.fullmatch(column.format)
+    repeat = int(match.group(1) or 1) if match else 0
+    if match is None or repeat < 1 or (match.group(2) == "D" and repeat != 1):
+        raise ValueError(f"column {column.name}: unsupported format {column.format!r} "
+                         "(only 'D' and 'rA' with r >= 1)")
+    return f"S{repeat}" if match.group(2) == "A" else ">f8"
+
+
+def _ascii_bytes(column: str, row: int, text: str) -> bytes:
+    if not (text.isascii() and text.isprintable()):
+        raise ValueError(f"column {column}, row {row}: {text!r} is not printable ASCII "
+                         "(FITS 'A' fields hold ASCII text; see fits_ascii)")
+    return text.encode("ascii")
+
+
+def _fixed_card(key: str, value: int | str, comment: str) -> str:
+    """One 80-character header card in the standard's fixed format (as astropy writes it)."""
+    if isinstance(value, str):
+        quoted = "'" + value.replace("'", "''").ljust(8) + "'"
+        field = quoted.ljust(20)
+    else:
+        field = str(value).rjust(20)
+    card = f"{key:<8}= {field}" + (f" / {comment}" if comment else "")
+    if len(card) > 80 or not (card.isascii() and card.isprintable()):
+        raise ValueError(f"header card {key} = {value!r} does not fit one ASCII card")
+    return card.ljust(80)
+
+
+#: Printable ASCII that `fits_ascii` keeps as it is: everything but '%', its escape character.
+_KEPT = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def fits_ascii(text: str) -> str:
+    """`text` as printable ASCII for a FITS string: other bytes percent-encoded (RFC 3986).
+
+    FITS header values and binary-table ``A`` fields hold ASCII text only (FITS 4.0,
+    sections 4.2.1 and 7.3.3.1), and trailing spaces are not significant there (astropy
+    strips them on reading). File names, though, can hold any character. Rather than
+    refuse such a file (a master's provenance is no reason to fail the master), every byte
+    of its file-system encoding (UTF-8, or the raw bytes of an undecodable name) outside
+    printable ASCII, every ``%`` and any trailing space is written ``%XX``, as in a
+    ``file:`` URL. The rule loses nothing and leaves ordinary paths as they are:
+    ``os.fsdecode(urllib.parse.unquote_to_bytes(value))`` gives the original back.
+
+    Examples
+    --------
+    >>> fits_ascii("/data/données/dark 1.fits")
+    '/data/donn%C3%A9es/dark 1.fits'
+    >>> fits_ascii("/data/100%.fits ")
+    '/data/100%25.fits%20'
+    """
+    if text.isascii() and text.isprintable() and "%" not in text and not text.endswith(" "):
+        return text
+    raw = os.fsencode(text)
+    body = raw.rstrip(b" ")
+    return (urllib.parse.quote_from_bytes(body, safe=_KEPT)
+            + "%20" * (len(raw) - len(body)))
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

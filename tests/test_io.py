@@ -13,7 +13,15 @@ from hypothesis import strategies as st
 from stacker import io
 from stacker.errors import MemoryBudgetError
 from stacker.frames import read_frame
-from stacker.io import STRIP_CAP, MasterWriter, StripReader, plan_strips, rows_per_chunk
+from stacker.io import (
+    STRIP_CAP,
+    MasterWriter,
+    StripReader,
+    TableColumn,
+    bintable_bytes,
+    plan_strips,
+    rows_per_chunk,
+)
 
 RNG = np.random.default_rng(1)
 
@@ -174,8 +182,7 @@ def _writer(tmp_path, shape=(6, 5)):
     header["DATAMEAN"] = (0.0, "mean")
     count = fits.Header()
     count["EXTNAME"] = "NUSED"
-    table = fits.BinTableHDU.from_columns(
-        [fits.Column("PATH", "10A", array=["a.fits", "b.fits"])], name="INPUTS")
+    table = bintable_bytes([TableColumn("PATH", "10A", ["a.fits", "b.fits"])], "INPUTS")
     return MasterWriter.create(tmp_path / "master.fits", shape, header, count, table)
 
 
