@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-siril", action="store_true",
                    help="skip Siril even when siril-cli is installed (apt install siril)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="cache of simulated sets")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every case (but ccdproc) this many times and report the run of "
+                        "median time, with the spread (this machine varies +-20%% run to run)")
     p.add_argument("--json", type=Path, help="also write all measurements here")
     return p.parse_args(argv)
 
@@ -81,7 +84,20 @@ def ensure_flats(data: Path, width: int, height: int, n: int) -> tuple[list[Path
     return flats, folder / "darks"
 
 
-def run_case(case: str, files: list[Path], out: Path, **kw) -> dict:
+def run_case(case: str, files: list[Path], out: Path, repeat: int = 1, **kw) -> dict:
+    """Run a case `repeat` times, each in a fresh process: the run of median wall time, with
+    the fastest and slowest times as ``spread``."""
+    runs = [_run_once(case, files, out, **kw) for _ in range(max(1, repeat))]
+    ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["seconds"])
+    if not ok:
+        return runs[0]
+    best = dict(ok[(len(ok) - 1) // 2])
+    if len(ok) > 1:
+        best["spread"] = (ok[0]["seconds"], ok[-1]["seconds"])
+    return best
+
+
+def _run_once(case: str, files: list[Path], out: Path, **kw) -> dict:
     args = {"case": case, "files": [str(f) for f in files], "out": str(out), **kw}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.cases", json.dumps(args)],
                           capture_output=True, text=True, cwd=HERE.parent)
@@ -112,6 +128,7 @@ def main(argv=None) -> None:
     limits = args.limits.split(",")
     ccd_frames = {int(n) for n in args.ccdproc_frames.split(",") if n}
     results: list[dict] = []
+    rep = args.repeat
     work = args.data / "out"
     ensure_data(args.data, width, height, max(frames))  # simulate once, for the largest N
     for n in frames:
@@ -120,24 +137,25 @@ def main(argv=None) -> None:
         row = {"n": n, "input_bytes": nbytes}
         run_case("floor", files, work)  # warms the page cache; not reported
         results.append({**row, "case": "floor", "method": "mean",
-                        **run_case("floor", files, work)})
+                        **run_case("floor", files, work, rep)})
         for method in methods:
             for limit in limits:
                 results.append({**row, "case": f"stacker {limit}", "method": method,
                                 **run_case("stacker", files, work / f"s{n}{method}{limit}",
-                                           method=method, memory_limit=limit)})
+                                           rep, method=method, memory_limit=limit)})
             if args.cluster:
                 results.append({**row, "case": "cluster 2 workers", "method": method,
                                 **run_case("cluster", files, work / f"k{n}{method}",
                                            method=method, memory_limit=limits[-1])})
             if method == "sigma_clip" and shutil.which("siril-cli") and not args.no_siril:
                 results.append({**row, "case": "siril", "method": method,
-                                **run_case("siril", files, work / f"siril{n}")})
+                                **run_case("siril", files, work / f"siril{n}", rep)})
             if n in ccd_frames and method in ("sigma_clip", "minmax"):
                 if method == "sigma_clip":  # ccdproc clips once: the same algorithm is 1 pass
                     results.append({**row, "case": "stacker 1-pass", "method": method,
-                                    **run_case("stacker", files, work / f"p{n}", method=method,
-                                               memory_limit=limits[-1], max_iterations=1)})
+                                    **run_case("stacker", files, work / f"p{n}", rep,
+                                               method=method, memory_limit=limits[-1],
+                                               max_iterations=1)})
                 results.append({**row, "case": "ccdproc", "method": method,
                                 **run_case("ccdproc", files, work / f"c{n}{method}",
                                            method=method)})
@@ -147,9 +165,9 @@ def main(argv=None) -> None:
         run_case("build_dark", files, out, darks=str(darks))
         row = {"n": n, "input_bytes": sum(f.stat().st_size for f in files)}
         results.append({**row, "case": "stacker flats", "method": "sigma_clip",
-                        **run_case("flats", files, out, method="sigma_clip",
+                        **run_case("flats", files, out, rep, method="sigma_clip",
                                    memory_limit=limits[-1], darks=str(darks))})
-    print(report(results, limits))
+    print(report(results, limits, rep))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
@@ -159,17 +177,22 @@ def _find(results, n, case, method):
                  and r["method"] == method and "seconds" in r), None)
 
 
-def report(results: list[dict], limits: list[str]) -> str:
-    lines = ["| case | method | N | wall s | input MB/s | peak MB | x floor |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+def report(results: list[dict], limits: list[str], repeat: int = 1) -> str:
+    wall = "wall s" if repeat <= 1 else f"wall s (median of {repeat}) | min-max s"
+    lines = [f"| case | method | N | {wall} | input MB/s | peak MB | x floor |",
+             "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if repeat > 1 else "")]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['case']} | {r['method']} | {r['n']} | failed: {r['error']} "
-                         "| | | |")
+                         "| | | |" + (" |" if repeat > 1 else ""))
             continue
         floor = _find(results, r["n"], "floor", "mean")
         ratio = r["seconds"] / floor["seconds"] if floor else float("nan")
-        lines.append(f"| {r['case']} | {r['method']} | {r['n']} | {r['seconds']:.2f} | "
+        spread = ""
+        if repeat > 1:
+            lo, hi = r.get("spread", (r["seconds"], r["seconds"]))
+            spread = f" {lo:.2f}-{hi:.2f} |"
+        lines.append(f"| {r['case']} | {r['method']} | {r['n']} | {r['seconds']:.2f} |{spread} "
                      f"{r['input_bytes'] / r['seconds'] / 1e6:.0f} | "
                      f"{r['peak_bytes'] / 1e6:.0f} | {ratio:.2f} |")
     lines += ["", "Ratios measured in this run:"]
