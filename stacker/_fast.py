@@ -717,3 +717,58 @@ def collect(values, lo, hi, inclusive, out, pos):  # pragma: no cover - compiled
             out[pos] = x
             pos += 1
     return pos
+
+
+# --------------------------------------------------------------------------------------------
+# block means and row/column profiles of a finished master, in one pass per strip
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
+def block_profile_sums(strip, y0, ny, factor, acc, acc_n, block_sum, block_n, row_sum, row_n,
+                       col_sum, col_n):  # pragma: no cover - compiled
+    """Add rows ``[y0, y0 + h)`` of an ``ny``-row image to NaN-aware running sums.
+
+    Per finite pixel (NaN and inf are skipped) the value, in float64, goes to its row
+    (``row_sum``/``row_n``, written whole), its column (``col_sum``/``col_n``) and its
+    ``factor x factor`` block (``block_sum``/``block_n``). ``acc``/``acc_n`` (one per column)
+    carry the current row of blocks across strips, so strips need not start on a block
+    boundary; they must come in order, top to bottom, with ``acc`` zero before the first.
+
+    Column sums add up rows of ``acc`` rather than pixels: each pixel is touched once, in
+    loops that vectorize (``reassoc`` lets the row sum be split across vector lanes; it
+    only changes the float64 rounding of sums of float32 values, which are exact in
+    practice). A row of blocks is complete, and folded into the block and column sums,
+    after its last row (``factor`` rows, fewer at the bottom edge).
+    """
+    h, w = strip.shape
+    nbx = block_sum.shape[1]
+    for r in range(h):
+        y = y0 + r
+        row = strip[r]
+        s = 0.0
+        n = 0
+        for x in range(w):
+            v = row[x]
+            ok = np.isfinite(v)
+            d = np.float64(v) if ok else 0.0
+            acc[x] += d
+            acc_n[x] += ok
+            s += d
+            n += ok
+        row_sum[y] = s
+        row_n[y] = n
+        if (y + 1) % factor == 0 or y == ny - 1:
+            by = y // factor
+            for bx in range(nbx):
+                t = 0.0
+                k = 0
+                for x in range(bx * factor, min(w, (bx + 1) * factor)):
+                    t += acc[x]
+                    k += acc_n[x]
+                block_sum[by, bx] = t
+                block_n[by, bx] = k
+            for x in range(w):
+                col_sum[x] += acc[x]
+                col_n[x] += acc_n[x]
+                acc[x] = 0.0
+                acc_n[x] = 0
