@@ -724,21 +724,24 @@ def collect(values, lo, hi, inclusive, out, pos):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc"})
-def block_profile_sums(strip, y0, ny, factor, acc, acc_n, block_sum, block_n, row_sum, row_n,
-                       col_sum, col_n):  # pragma: no cover - compiled
+def block_profile_sums(strip, y0, ny, factor, acc, acc_miss, block_sum, block_n, row_sum,
+                       row_n, col_sum, col_miss):  # pragma: no cover - compiled
     """Add rows ``[y0, y0 + h)`` of an ``ny``-row image to NaN-aware running sums.
 
-    Per finite pixel (NaN and inf are skipped) the value, in float64, goes to its row
-    (``row_sum``/``row_n``, written whole), its column (``col_sum``/``col_n``) and its
-    ``factor x factor`` block (``block_sum``/``block_n``). ``acc``/``acc_n`` (one per column)
-    carry the current row of blocks across strips, so strips need not start on a block
-    boundary; they must come in order, top to bottom, with ``acc`` zero before the first.
+    Every finite pixel (NaN and inf are skipped) adds its value, in float64, to its row
+    (``row_sum``/``row_n``, written whole), its column (``col_sum``; ``col_miss`` counts the
+    column's skipped pixels) and its ``factor x factor`` block (``block_sum``/``block_n``,
+    written when the block's last row has been added). ``acc`` holds the column sums of the
+    current row of blocks and ``acc_miss[:w]`` its skipped pixels per column, with their
+    total in ``acc_miss[w]``: strips need not start on a block boundary, but must come in
+    order, top to bottom, with ``acc`` and ``acc_miss`` zero before the first.
 
-    Column sums add up rows of ``acc`` rather than pixels: each pixel is touched once, in
-    loops that vectorize (``reassoc`` lets the row sum be split across vector lanes; it
-    only changes the float64 rounding of sums of float32 values, which are exact in
-    practice). A row of blocks is complete, and folded into the block and column sums,
-    after its last row (``factor`` rows, fewer at the bottom edge).
+    Each pixel is touched once, in a loop that vectorizes (``reassoc`` lets the row sum be
+    split across vector lanes: it only changes the float64 rounding of a sum of float32
+    values, exact in practice). Only rows with a skipped pixel pay for counting per column
+    (a master rarely has any): without them the pixel loop stores nothing but ``acc``, and
+    a finished row of blocks costs one pass over ``acc`` (4096x4096, blocks of 7, one
+    thread, strip in cache: 8.3 -> 5.2 ms against counting every pixel).
     """
     h, w = strip.shape
     nbx = block_sum.shape[1]
@@ -752,26 +755,37 @@ def block_profile_sums(strip, y0, ny, factor, acc, acc_n, block_sum, block_n, ro
             ok = np.isfinite(v)
             d = np.float64(v) if ok else 0.0
             acc[x] += d
-            acc_n[x] += ok
             s += d
             n += ok
         row_sum[y] = s
         row_n[y] = n
+        if n < w:
+            for x in range(w):
+                acc_miss[x] += not np.isfinite(row[x])
+            acc_miss[w] += w - n
         if (y + 1) % factor == 0 or y == ny - 1:
             by = y // factor
+            height = y - by * factor + 1
             for bx in range(nbx):
+                x0 = bx * factor
+                x1 = min(w, x0 + factor)
                 t = 0.0
-                k = 0
-                for x in range(bx * factor, min(w, (bx + 1) * factor)):
+                for x in range(x0, x1):
                     t += acc[x]
-                    k += acc_n[x]
                 block_sum[by, bx] = t
-                block_n[by, bx] = k
+                block_n[by, bx] = height * (x1 - x0)
             for x in range(w):
                 col_sum[x] += acc[x]
-                col_n[x] += acc_n[x]
                 acc[x] = 0.0
-                acc_n[x] = 0
+            if acc_miss[w]:
+                for bx in range(nbx):
+                    m = 0
+                    for x in range(bx * factor, min(w, (bx + 1) * factor)):
+                        m += acc_miss[x]
+                        col_miss[x] += acc_miss[x]
+                        acc_miss[x] = 0
+                    block_n[by, bx] -= m
+                acc_miss[w] = 0
 
 
 @njit(nogil=True, cache=True)
