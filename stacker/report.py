@@ -277,23 +277,29 @@ def svg_profile(values: np.ndarray, title: str, width: int = 420, height: int = 
 def master_pictures(path: str, job_id: str, n_used: int) -> dict[str, str]:
     """Preview, histogram, profiles and rejection map of one master, read strip by strip.
 
-    The image is read once: its block means (preview), row and column means (profiles) and
-    the histogram's sampled rows come from one pass (`stacker.images.profile_means`). The
-    frames-used map is read, drawn and compressed on a second thread meanwhile: the reads,
-    the kernels and zlib release the GIL, and the rejection map's PNG is the largest single
-    cost left (zlib on a noisy RGB image, ~70 ms at 4096x4096), so the two halves overlap.
+    Each HDU is read once. The frames-used map comes first, its two halves on two threads,
+    because its rejection map's PNG is the largest single cost (zlib on a noisy RGB image,
+    ~60 ms at 4096x4096) and is compressed on the second thread (zlib releases the GIL)
+    while the image is read: its block means (preview), row and column means (profiles) and
+    the histogram's sampled rows come from one pass (`stacker.images.profile_means`).
+    Reading the two HDUs side by side instead would start the compression later.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     from stacker.combine import sample_rows
-    from stacker.images import image_frame, locate, profile_means
+    from stacker.images import block_mean, image_frame, locate, profile_means
 
     image_hdu, count_hdu = locate(Path(path), job_id)
-    image = image_frame(Path(path), image_hdu)
-    ny, nx = image.shape
+    used_frame = image_frame(Path(path), count_hdu)
+    ny, nx = used_frame.shape  # the image's shape too (the master writer makes them so)
     factor = max(1, math.ceil(max(ny, nx) / PREVIEW_SIDE))
-    with ThreadPoolExecutor(1, thread_name_prefix="rejection-map") as pool:
-        rejection = pool.submit(_rejection_pictures, Path(path), count_hdu, factor, n_used)
+    with ThreadPoolExecutor(1, thread_name_prefix="pictures") as pool:
+        used = block_mean(used_frame, factor, PICTURE_ROWS, pool)
+        rejection = pool.submit(_rejection_pictures, 1 - used / max(n_used, 1))
+        image = image_frame(Path(path), image_hdu)
+        if image.shape != used_frame.shape:
+            raise ValueError(f"{path}: frames-used map {used_frame.shape} is not the image's "
+                             f"shape {image.shape}")
         small, row_means, col_means, sample = profile_means(image, factor, PICTURE_ROWS,
                                                             sample_rows(ny, nx))
         out = {"preview": data_uri(png(zscale_image(small)[::-1])), "block": str(factor)}
@@ -308,13 +314,8 @@ def master_pictures(path: str, job_id: str, n_used: int) -> dict[str, str]:
 PICTURE_ROWS = 256
 
 
-def _rejection_pictures(path: Path, hdu: int | str, factor: int, n_used: int
-                        ) -> dict[str, str]:
-    """The rejected fraction per block of the frames-used map `hdu`, as a heat-map PNG."""
-    from stacker.images import block_mean, image_frame
-
-    used = image_frame(path, hdu)
-    rejected = 1 - block_mean(used, factor, PICTURE_ROWS) / max(n_used, 1)
+def _rejection_pictures(rejected: np.ndarray) -> dict[str, str]:
+    """The rejected fraction per block as a heat-map PNG, white at its maximum."""
     top = float(np.nanmax(rejected)) if np.isfinite(rejected).any() else 0.0
     return {"rejection": data_uri(png(heat_image(rejected, top)[::-1])),
             "rejection_top": f"{top:.1%}"}

@@ -253,6 +253,27 @@ def test_profile_means_of_a_file_read_in_unaligned_strips(odd_master):
         np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
+def test_block_means_of_two_halves_read_on_two_threads(odd_master):
+    """A span is measured as an image of its own; block_mean with a pool reads the lower
+    half on the pool's thread and gives the blocks of the whole, ragged last row included."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stacker.images import block_mean, image_frame, profile_means
+
+    path, data, _ = odd_master
+    frame = image_frame(path, 0)
+    blocks, row_means, col_means, sampled = profile_means(frame, 4, 100, [3, 650, 1299],
+                                                          span=(648, 1300))
+    for got, want in zip((blocks, row_means, col_means), reference_means(data[648:], 4),
+                         strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_array_equal(sampled, data[[650, 1299]])
+    with ThreadPoolExecutor(1) as pool:
+        for factor in (3, 7, 700, 1300):  # 700: a single row of blocks, nothing to split
+            np.testing.assert_allclose(block_mean(frame, factor, 64, pool),
+                                       reference_means(data, factor)[0], rtol=1e-12)
+
+
 def test_master_pictures_equal_the_plain_definitions(odd_master):
     """Every picture is what the plain nanmean blocks, profiles and rows would draw."""
     from stacker.combine import sample_rows
