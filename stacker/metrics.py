@@ -41,7 +41,7 @@ import numpy as np
 
 from stacker.combine import sample_rows
 from stacker.frames import Frame
-from stacker.images import block_mean, image_frame, iter_strips, locate, read_rows
+from stacker.images import block_mean, image_frame, iter_strips, locate, profile_means, read_rows
 from stacker.io import StripReader, stats_rows
 from stacker.qc import clipped_stats
 
@@ -230,18 +230,10 @@ def bias_metrics(image: Frame, frames: Sequence[Frame], rows: int,
 
 
 def _row_col_means(image: Frame, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    ny, nx = image.shape
-    row_means = np.empty(ny)
-    col_sum, col_n = np.zeros(nx), np.zeros(nx)
-    for y0, y1, block in iter_strips(image, rows):
-        finite = np.isfinite(block)
-        data = np.where(finite, block, 0.0).astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            row_means[y0:y1] = data.sum(axis=1) / finite.sum(axis=1)
-        col_sum += data.sum(axis=0)
-        col_n += finite.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return row_means, col_sum / col_n
+    """Means of every row and every column (NaN ignored; NaN where none is finite)."""
+    # One block as large as the image: `profile_means` then keeps only a row of sums.
+    _, row_means, col_means, _ = profile_means(image, max(image.shape), rows)
+    return row_means, col_means
 
 
 # --------------------------------------------------------------------------------------------
