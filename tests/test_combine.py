@@ -75,6 +75,13 @@ def test_prepare_subtracts_then_scales(tmp_path):
     block = reader.read(3, 9)
     expected = (block - reader.read(3, 9)[0]) * np.array([1.0, 2.0, 0.5])[:, None, None]
     np.testing.assert_allclose(prepare(block.copy(), 3, 9), expected, rtol=1e-6)
+    # applied frame by frame as they are read: the very same values
+    fused = prepare.read(reader, 3, 9, np.full((3, 6, 7), np.nan, np.float32))
+    np.testing.assert_array_equal(fused, prepare(block.copy(), 3, 9))
+    for scales in (None, (3.0, 1.0, 0.25)):
+        only = Prepare(scales=scales)
+        np.testing.assert_array_equal(only.read(reader, 3, 9, np.empty((3, 6, 7), np.float32)),
+                                      only(reader.read(3, 9), 3, 9))
 
 
 def test_sample_rows_are_spread_and_bounded():
