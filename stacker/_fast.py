@@ -469,6 +469,43 @@ def mean_rows(block, nlow, nhigh, image, used):  # pragma: no cover - compiled
 MEAN_SPAN = 512
 
 
+@njit(nogil=True, cache=True)
+def add_rows(rows, total, vmin, vmax, extremes):  # pragma: no cover - compiled
+    """Add one frame's uint16 rows (h, w) to the running int32 totals, and to the running
+    extremes when `extremes` (the streaming form of `mean_rows` for camera data)."""
+    h, w = rows.shape
+    for y in range(h):
+        r = rows[y]
+        t = total[y]
+        if extremes:
+            lo = vmin[y]
+            hi = vmax[y]
+            for x in range(w):
+                v = r[x]
+                t[x] += np.int32(v)
+                lo[x] = min(lo[x], v)
+                hi[x] = max(hi[x], v)
+        else:
+            for x in range(w):
+                t[x] += np.int32(r[x])
+
+
+@njit(nogil=True, cache=True)
+def finish_rows(total, vmin, vmax, n, nlow, nhigh, image, used):  # pragma: no cover
+    """The mean of n frames' running sums, dropping nlow lowest and nhigh highest (<= 1 each)
+    values when more than nlow + nhigh frames were added: exactly `mean_rows`' values."""
+    h, w = total.shape
+    drop = n > nlow + nhigh
+    kept = n - nlow - nhigh if drop else n
+    for y in range(h):
+        for x in range(w):
+            t = np.float64(total[y, x])
+            if drop:
+                t = t - nlow * np.float64(vmin[y, x]) - nhigh * np.float64(vmax[y, x])
+            image[y, x] = t / kept
+            used[y, x] = kept
+
+
 # --------------------------------------------------------------------------------------------
 # sorted tiles: a sorting network applied to TILE pixels at once
 #

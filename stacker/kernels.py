@@ -158,6 +158,49 @@ def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
 # min/max, median, mean
 
 
+class RunningSums:
+    """The streaming form of `Mean` and of `MinMax` dropping at most one value each way, for
+    camera data: uint16 frame rows are added one frame at a time to exact int32 totals (and
+    running extremes), so no (N, h, w) block is ever held; `result` equals the kernel's on
+    the stacked rows, bit for bit.
+
+    Parameters
+    ----------
+    shape : (h, w)
+        Rows and columns of the strip.
+    nlow, nhigh : int
+        0 or 1: values dropped per pixel once more than ``nlow + nhigh`` frames were added.
+    """
+
+    #: Most frames whose uint16 sum an int32 total holds.
+    MAX_FRAMES = 32767
+
+    def __init__(self, shape: tuple[int, int], nlow: int = 0, nhigh: int = 0) -> None:
+        self.nlow, self.nhigh, self.n = nlow, nhigh, 0
+        self.total = np.zeros(shape, np.int32)
+        self.vmin = np.full(shape, np.iinfo(np.uint16).max, np.uint16)
+        self.vmax = np.zeros(shape, np.uint16)
+
+    def add(self, rows: np.ndarray) -> None:
+        """Add one frame's rows (uint16, the strip's shape)."""
+        from stacker import _fast
+
+        if self.n >= self.MAX_FRAMES:
+            raise ValueError(f"more than {self.MAX_FRAMES} frames overflow the running sums")
+        _fast.add_rows(rows, self.total, self.vmin, self.vmax, self.nlow + self.nhigh > 0)
+        self.n += 1
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(image float32, n_used uint16) of the frames added so far (at least one)."""
+        from stacker import _fast
+
+        image = np.empty(self.total.shape, np.float32)
+        used = np.empty(self.total.shape, np.uint16)
+        _fast.finish_rows(self.total, self.vmin, self.vmax, self.n, self.nlow, self.nhigh,
+                          image, used)
+        return image, used
+
+
 @dataclass(frozen=True)
 class MinMax:
     """Drop the `nlow` lowest and `nhigh` highest values of each pixel, average the rest.
@@ -176,6 +219,12 @@ class MinMax:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+
+    def running(self, shape: tuple[int, int]) -> RunningSums | None:
+        """Running sums for uint16 frames added one at a time (None: needs the block)."""
+        if self.nlow <= 1 and self.nhigh <= 1:
+            return RunningSums(shape, self.nlow, self.nhigh)
+        return None
 
     def __call__(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Combine a (N, h, w) block; returns (image, n_used)."""
@@ -221,6 +270,10 @@ class Mean:
     """Per-pixel mean of the finite values, accumulated in float64."""
 
     bytes_per_value: ClassVar[int] = 0
+
+    def running(self, shape: tuple[int, int]) -> RunningSums:
+        """Running sums for uint16 frames added one at a time."""
+        return RunningSums(shape)
 
     def __call__(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Combine a (N, h, w) block; returns (image, n_used)."""

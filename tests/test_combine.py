@@ -10,7 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from stacker import _fast
+from stacker import _fast, combine
 from stacker.combine import (
     Prepare,
     combine_into,
@@ -22,7 +22,7 @@ from stacker.combine import (
 )
 from stacker.frames import read_frame
 from stacker.io import MasterWriter, StripReader, plan_strips
-from stacker.kernels import Mean, SigmaClip
+from stacker.kernels import Mean, MinMax, SigmaClip
 
 
 def _mean(block):
@@ -152,11 +152,15 @@ def test_keys_order_like_the_values_and_invert(values):
                                   values.view(np.uint32))
 
 
-def test_combine_into_writes_the_master_and_returns_its_exact_statistics(tmp_path):
+def test_combine_into_writes_the_master_and_returns_its_exact_statistics(tmp_path,
+                                                                          monkeypatch):
     """Strips on two threads: the image is the kernel of the whole stack, the streamed
-    statistics are those read back from the file and those of numpy."""
+    statistics are those read back from the file and those of numpy. The mean of uint16
+    frames runs as running sums, here in strips of 3 rows."""
+    monkeypatch.setattr(combine, "STREAM_BYTES", 3 * 11 * combine.STREAM_BYTES_PER_PIXEL)
     reader = _reader(tmp_path, n=5, shape=(37, 11))
-    for kernel in (Mean(), SigmaClip()):
+    assert reader.dtype == np.uint16
+    for kernel, strips in ((Mean(), 13), (MinMax(), 13), (SigmaClip(), 10)):
         w = MasterWriter.create(tmp_path / "c.fits", (37, 11), fits.Header(), fits.Header())
         seen: list[tuple[int, int]] = []
         stats = combine_into(reader, w, kernel, rows=4, num_workers=2,
@@ -168,5 +172,5 @@ def test_combine_into_writes_the_master_and_returns_its_exact_statistics(tmp_pat
         assert stats.median == np.median(image.astype(np.float64))
         assert (stats.min, stats.max) == (image.min(), image.max())
         assert (stats.used_min, stats.used_max) == (used.min(), used.max())
-        assert seen == [(i, 10) for i in range(11)]
+        assert seen == [(i, strips) for i in range(strips + 1)]
         w.abort()

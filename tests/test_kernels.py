@@ -148,6 +148,23 @@ def test_uint16_blocks_give_exactly_the_float32_results(block, options, nlow, nh
 
 
 @settings(max_examples=60, deadline=None)
+@given(uint16_blocks, st.integers(0, 1), st.integers(0, 1))
+def test_running_sums_equal_the_kernels_on_the_stacked_rows(block, nlow, nhigh):
+    for kernel in (Mean(), MinMax(nlow, nhigh)):
+        sums = kernel.running(block.shape[1:])
+        for rows in block:
+            sums.add(rows)
+        image, used = sums.result()
+        ref_image, ref_used = kernel(block)
+        np.testing.assert_array_equal(image, ref_image)
+        np.testing.assert_array_equal(used, ref_used)
+
+
+def test_only_one_value_each_way_runs_as_sums():
+    assert MinMax(2, 0).running((1, 1)) is None and MinMax(1, 1).running((1, 1)) is not None
+
+
+@settings(max_examples=60, deadline=None)
 @given(st.integers(1, 1100), st.integers(0, 2**32 - 1))
 @example(1, 0)
 @example(NETWORK_MAX_FRAMES, 0)
