@@ -181,6 +181,36 @@ def test_network_sorts_every_column(n, seed):
     np.testing.assert_array_equal(sorted_, np.sort(data, axis=0))
 
 
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 40), st.just(1), st.integers(1, 130)),
+              elements=st.floats(width=32) | st.sampled_from([-0.0, 0.0, np.inf, -np.inf])),
+       st.sampled_from([np.float32, np.uint16]))
+# neighbouring negative floats, which differ in their last bit only
+@example(-np.nextafter(np.float32(1), np.float32(2)) ** np.float32([3, 0, 4, 1, 2])
+         .reshape(5, 1, 1), np.float32)
+def test_compiled_tiles_sort_like_numpy(block, dtype):
+    """The compiled tile sort (float32 as order-preserving integer keys) orders every column
+    as np.sort does, NaN as the +inf fill, including -0.0, infinities and subnormals."""
+    from stacker._fast import TILE, _sorted_tile
+    from stacker.kernels import _fill
+
+    if dtype == np.uint16:
+        block = np.nan_to_num(block, nan=0, posinf=0, neginf=0)
+        block = np.abs(block).clip(0, 65535).astype(np.uint16)
+    n, _, w = block.shape
+    tile = np.empty((n, TILE), block.dtype)
+    count = np.empty(TILE, np.int64)
+    for x0 in range(0, w, TILE):
+        _sorted_tile(block, 0, x0, network(n), _fill(block), tile, count)
+        m = min(TILE, w - x0)
+        part = block[:, 0, x0:x0 + m]
+        expected = np.sort(np.where(np.isnan(part), np.inf, part) if dtype != np.uint16
+                           else part, axis=0)
+        np.testing.assert_array_equal(tile[:, :m], expected)
+        if dtype != np.uint16:
+            np.testing.assert_array_equal(count[:m], (~np.isnan(part)).sum(axis=0))
+
+
 @pytest.mark.parametrize("n", range(1, 13))
 def test_network_sorts_every_zero_one_sequence(n):
     """The 0-1 principle: a network that sorts all 2^n sequences of 0 and 1 sorts anything."""
