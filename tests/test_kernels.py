@@ -295,3 +295,34 @@ def test_kernels_are_frozen_picklable_and_validated():
         MinMax(nlow=-1)
     with pytest.raises(ValueError, match="unknown method"):
         make_kernel("kappa")
+
+
+def test_numba_start_up_skips_scipy_linalg_only_while_setting_up(tmp_path):
+    """Numba's target set-up would import scipy.linalg (0.35-0.4 s) when scipy is installed;
+    stacker hides it during that set-up only: afterwards scipy.linalg imports as usual, the
+    hook is gone and numba's BLAS-backed np.dot still compiles."""
+    import subprocess
+    import sys
+    import textwrap
+
+    # A stand-in scipy that records when its linalg is imported (numba checks __version__).
+    (tmp_path / "scipy" / "linalg").mkdir(parents=True)
+    (tmp_path / "scipy" / "__init__.py").write_text("__version__ = '1.17.0'\n")
+    (tmp_path / "scipy" / "linalg" / "__init__.py").write_text(
+        "import os\nopen(os.environ['LINALG_MARK'], 'a').write('imported\\n')\n")
+    mark = tmp_path / "mark"
+    script = textwrap.dedent("""
+        import sys
+        import stacker._fast
+        assert "scipy.linalg" not in sys.modules, "numba's set-up imported scipy.linalg"
+        assert not any(type(f).__name__.startswith("_NoScipy") for f in sys.meta_path)
+        import scipy.linalg
+        import numba, numpy as np
+        print(numba.njit(lambda a: a.sum())(np.ones(3)))
+    """)
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path), "LINALG_MARK": str(mark)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "3.0"
+    assert mark.read_text() == "imported\n"  # once: by the script, after stacker's set-up
