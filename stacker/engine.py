@@ -364,7 +364,8 @@ def _validate(job: Job, settings: Settings, cal_reader: StripReader | None):
     rows = sample_rows(ny, nx, FRAME_SAMPLE_PIXELS)
     subtract = cal_reader.read_frame_rows(0, rows) if cal_reader is not None else None
     measured = judge(job, sample_frames(job.frames, rows, subtract,
-                                        workers=settings.resolved_num_workers), settings)
+                                        workers=settings.resolved_num_workers,
+                                        quality=settings.quality_control), settings)
     kept, stats = [], {}
     for frame, st in zip(job.frames, measured, strict=True):
         if st.ok:

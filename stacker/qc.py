@@ -126,8 +126,14 @@ def clipped_stats(values: np.ndarray, sigma: float = 5.0, iterations: int = 2,
     return centre, spread
 
 
-def measure(frame: Frame, values: np.ndarray, raw: np.ndarray | None = None) -> FrameStats:
-    """Statistics of one frame's sample; `raw` (before subtraction) decides saturation."""
+def measure(frame: Frame, values: np.ndarray, raw: np.ndarray | None = None,
+            quality: bool = True) -> FrameStats:
+    """Statistics of one frame's sample; `raw` (before subtraction) decides saturation.
+
+    Without `quality` (quality control off) the clipped level, noise and a flat's zone grid,
+    which only quality control judges, are not computed (NaN, empty): half the cost of
+    measuring a flat, whose median is all a run without quality control needs.
+    """
     raw = values if raw is None else raw
     finite_mask = np.isfinite(values)
     finite = values[finite_mask]
@@ -144,8 +150,9 @@ def measure(frame: Frame, values: np.ndarray, raw: np.ndarray | None = None) -> 
     # noise use a quarter of them, plenty for a z-score and four times cheaper.
     step = 2 if finite.size >= QC_SUBSAMPLE_FROM else 1
     zones = _zones(values[::step, ::step], median) \
-        if frame.kind == "flat" and median > 0 else ()
-    level, noise = clipped_stats(finite[::step * step], median=median)
+        if quality and frame.kind == "flat" and median > 0 else ()
+    level, noise = clipped_stats(finite[::step * step], median=median) if quality \
+        else (float("nan"), float("nan"))
     return FrameStats(str(frame.path), median, float(finite.mean()), float(finite.std()),
                       float(finite.min()), float(finite.max()), finite.size / values.size,
                       saturated, level=level, noise=noise, full_scale_fraction=fraction,
@@ -286,8 +293,10 @@ def _shape_departures(zones: list[tuple[float, ...]]) -> list[float]:
 
 
 def sample_frames(frames: Sequence[Frame], rows: Sequence[int],
-                  subtract: np.ndarray | None = None, workers: int = 1) -> list[FrameStats]:
-    """Measure every frame on the same sampled `rows`, `workers` frames in memory at a time.
+                  subtract: np.ndarray | None = None, workers: int = 1,
+                  quality: bool = True) -> list[FrameStats]:
+    """Measure every frame on the same sampled `rows`, `workers` frames in memory at a time
+    (`measure`, with or without the `quality` control statistics).
 
     A frame whose pixels cannot be read or decoded gets NaN statistics and the reason as its
     verdict, so that it is left out instead of failing the whole group later. numpy's
@@ -301,7 +310,7 @@ def sample_frames(frames: Sequence[Frame], rows: Sequence[int],
         except FrameReadError as exc:
             return unreadable(frames[i], exc.reason)
         values = raw - subtract if subtract is not None else raw
-        return measure(frames[i], values, raw)
+        return measure(frames[i], values, raw, quality)
 
     if workers <= 1 or len(frames) < 2:
         return [one(i) for i in range(len(frames))]

@@ -144,3 +144,19 @@ def test_clipped_stats_are_continuous_on_integer_data_and_ignore_hot_pixels():
     mean, std = clipped_stats(values)
     assert abs(mean - 500) < 0.05
     assert abs(std - np.sqrt(3.5**2 + 1 / 12)) < 0.03
+
+
+def test_without_quality_control_flats_are_measured_for_their_level_only(faulty, tmp_path):
+    """QC off: the flats' medians (which scale them) are those QC on measures, the QC-only
+    clipped level and noise are not computed, and the cloudy flat is kept."""
+    folder, truth = faulty
+    on = verdicts(run(folder, tmp_path / "on", "all"), "flat_L_1.000s")
+    status = run(folder, tmp_path / "off", "all", quality_control=False)
+    assert status.success
+    off = verdicts(status, "flat_L_1.000s")
+    assert on.keys() == off.keys()
+    for name, stats in off.items():
+        assert stats["median"] == on[name]["median"] and stats["std"] == on[name]["std"]
+        assert not np.isnan(on[name]["noise"]) and np.isnan(stats["noise"])
+        assert stats["verdict"] == "ok"
+    assert truth.params["defects"][1] in off
