@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stacker.errors import InputError
+from stacker.fitsheader import FastHeader, read_primary_header
 
 if TYPE_CHECKING:
     from astropy.io.fits import Header
@@ -235,6 +236,9 @@ def _image_hdu(hdul) -> int:
 def read_frame(path: Path, kind: str | None = None, root: Path | None = None) -> Frame:
     """Build a `Frame` from the header of `path` without reading its pixels.
 
+    A plain primary header is read by `stacker.fitsheader` (~0.2 ms instead of ~2 ms with
+    astropy); every other file goes through astropy, with the same result either way.
+
     Parameters
     ----------
     path : Path
@@ -253,10 +257,57 @@ def read_frame(path: Path, kind: str | None = None, root: Path | None = None) ->
     stat = path.stat()
     if stat.st_size == 0:
         raise ValueError("empty file")
+    fast = _fast_header(path)
+    if fast is not None:
+        header, data_offset = fast
+        frame_kind = _decide_kind(header, path, kind)
+        return _frame_from_header(
+            path, header, frame_kind, 0, {"datLoc": data_offset}, stat, root
+        )
     # astropy warns about damaged files on its own; we report one reason per file instead.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return _read_header(path, kind, root, stat)
+
+
+# Every keyword whose value `_decide_kind`, `_frame_from_header` (with `_number`) or astropy
+# (building the primary HDU: GCOUNT, PCOUNT) reads. The fast reader answers only for these,
+# so a keyword added to those functions must be added here (its look-up raises otherwise).
+_HEADER_KEYWORDS = frozenset({
+    "SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "GCOUNT", "PCOUNT",
+    "IMAGETYP", "FRAME", "EXPTIME", "EXPOSURE", "BSCALE", "BZERO", "BLANK",
+    "CCD-TEMP", "CCD_TEMP", "TEMPERAT", "GAIN", "EGAIN", "OFFSET", "BLKLEVEL",
+    "XBINNING", "YBINNING", "FILTER", "DATE-OBS",
+})
+# Keywords that make a primary header other than a plain 2-D image (extension, compressed
+# image, random groups): astropy decides what such a file holds.
+_NOT_PLAIN = frozenset({"XTENSION", "ZIMAGE", "ZNAXIS", "ZNAXIS1", "ZNAXIS2", "ZBITPIX", "GROUPS"})
+
+
+def _fast_header(path: Path) -> tuple[FastHeader, int] | None:
+    """The primary header of a plain 2-D image read without astropy, and its data offset.
+
+    None (astropy must read the file) unless the header is the common case that astropy
+    certainly reads the same way: a primary 2-D image with integer structural values, the
+    cards in their standard order and numeric scaling keywords. Damaged files always go to
+    astropy, so that their reasons stay astropy's.
+    """
+    read = read_primary_header(path, _HEADER_KEYWORDS, _NOT_PLAIN)
+    if read is None:
+        return None
+    header, data_offset = read
+    ints = [header.get(k) for k in ("BITPIX", "NAXIS", "NAXIS1", "NAXIS2")]
+    if any(type(v) is not int for v in ints) or ints[0] not in _BITPIX or ints[1] != 2:
+        return None
+    if ints[2] < 1 or ints[3] < 1 or header.leading[1:] != ("BITPIX", "NAXIS", "NAXIS1", "NAXIS2"):
+        return None
+    for key in ("GCOUNT", "PCOUNT", "BLANK"):
+        if key in header and type(header[key]) is not int:
+            return None
+    for key in ("BSCALE", "BZERO"):
+        if key in header and type(header[key]) not in (int, float):
+            return None
+    return header, data_offset
 
 
 def _read_header(path: Path, kind: str | None, root: Path | None, stat) -> Frame:
