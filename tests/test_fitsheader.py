@@ -19,6 +19,9 @@ from hypothesis import strategies as st
 from stacker.fitsheader import UnparsedError, parse_value, read_primary_header
 from stacker.frames import _fast_header, _read_header, read_frame
 
+# The odd headers here are deliberate: astropy's warnings about them are expected noise.
+pytestmark = pytest.mark.filterwarnings("ignore::astropy.utils.exceptions.AstropyUserWarning")
+
 # Keywords read_frame looks at, and one it does not (OBJECT).
 NUMERIC_KEYS = ["EXPTIME", "EXPOSURE", "CCD-TEMP", "CCD_TEMP", "TEMPERAT", "GAIN", "EGAIN",
                 "OFFSET", "BLKLEVEL", "XBINNING", "YBINNING", "BLANK", "BSCALE", "BZERO"]
