@@ -164,8 +164,8 @@ class Truth:
 
     def save(self, folder: Path) -> None:
         """Write ``truth.npz`` (maps) and ``truth.json`` (scalars) into `folder`."""
-        np.savez_compressed(folder / "truth.npz", bias=self.bias, dark_rate=self.dark_rate,
-                            flat=self.flat)
+        # Not compressed: noise maps shrink by ~12 % for ~25 s of zlib per 4096x4096 set.
+        np.savez(folder / "truth.npz", bias=self.bias, dark_rate=self.dark_rate, flat=self.flat)
         (folder / "truth.json").write_text(json.dumps(self.params, indent=1))
 
     @classmethod
