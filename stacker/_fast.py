@@ -609,8 +609,15 @@ def _flip_keys(keys):  # pragma: no cover - compiled
 
 
 def _sort_columns(tile, pairs):  # pragma: no cover - replaced by the overload when compiled
-    """Sort every column of `tile` (N, TILE) with the comparators `pairs`."""
-    raise NotImplementedError("only callable from compiled code")
+    """Sort every column of `tile` (N, TILE) with the comparators `pairs`.
+
+    This Python form runs only with NUMBA_DISABLE_JIT (debugging); compiled callers get the
+    overload below.
+    """
+    for i, j in pairs:
+        low = np.minimum(tile[i], tile[j])
+        tile[j] = np.maximum(tile[i], tile[j])
+        tile[i] = low
 
 
 @overload(_sort_columns, jit_options={"nogil": True})
