@@ -967,13 +967,16 @@ def _set_up_target() -> None:
     import sys
 
     hook = None if "scipy.linalg" in sys.modules else _NoScipyLinalgHere()
+    # sys.meta_path is replaced, never changed in place: an import running in another
+    # thread iterates the list it started with, and an in-place removal could make it
+    # skip a finder (and fail).
     if hook is not None:
-        sys.meta_path.insert(0, hook)
+        sys.meta_path = [hook, *sys.meta_path]
     try:
         _ready()
     finally:
         if hook is not None:
-            sys.meta_path.remove(hook)
+            sys.meta_path = [f for f in sys.meta_path if f is not hook]
 
 
 _set_up_target()
