@@ -15,6 +15,9 @@ Two families, with the rules documented on the kernel classes; the slow referenc
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import numpy as np
 from numba import njit, types
 from numba.extending import overload
@@ -949,13 +952,9 @@ class _NoScipyLinalgHere:
     """
 
     def __init__(self) -> None:
-        import threading
-
         self.owner = threading.get_ident()
 
     def find_spec(self, name, path=None, target=None):
-        import threading
-
         if name.startswith("scipy.linalg") and threading.get_ident() == self.owner:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return None
@@ -964,8 +963,6 @@ class _NoScipyLinalgHere:
 def _set_up_target() -> None:
     """Set numba's CPU target up now, once per process, without scipy.linalg when it is not
     already loaded (see `_NoScipyLinalgHere`)."""
-    import sys
-
     hook = None if "scipy.linalg" in sys.modules else _NoScipyLinalgHere()
     # sys.meta_path is replaced, never changed in place: an import running in another
     # thread iterates the list it started with, and an in-place removal could make it

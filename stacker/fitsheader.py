@@ -50,16 +50,11 @@ class FastHeader:
     get "absent" from a header that never looked for it.
     """
 
-    __slots__ = ("_tracked", "_values", "leading")
+    __slots__ = ("_tracked", "_values")
 
-    def __init__(
-        self, values: dict[str, object], tracked: Collection[str], leading: tuple[str, ...] = ()
-    ) -> None:
+    def __init__(self, values: dict[str, object], tracked: Collection[str]) -> None:
         self._values = values
         self._tracked = tracked
-        #: The keyword fields (columns 1-8, blanks stripped) of the first five cards, for a
-        #: caller that requires the standard order SIMPLE, BITPIX, NAXIS, NAXIS1, NAXIS2.
-        self.leading = leading
 
     def _check(self, key: str) -> None:
         if key not in self._tracked:
@@ -136,7 +131,8 @@ def read_primary_header(
     Parameters
     ----------
     path : Path
-        A file starting with ``SIMPLE  =                    T``.
+        A file starting with ``SIMPLE  =                    T``, then BITPIX, NAXIS, NAXIS1
+        and NAXIS2.
     keywords : collection of str
         Upper-case keywords whose values are wanted; each must read cleanly (first card
         of a repeated keyword only, as astropy).
@@ -147,14 +143,13 @@ def read_primary_header(
     -------
     (FastHeader, int) or None
         The values and the header's length in bytes (the offset of the data, a multiple of
-        2880), or None when astropy must read the file: not a plain primary header, a
+        2880), or None when astropy must read the file: not a plain primary 2-D header, a
         short or unreadable file, CONTINUE cards, a refused keyword, a wanted keyword in
         a HIERARCH card or a card astropy reads differently, a value that does not read
         cleanly, or more than `MAX_BLOCKS` blocks.
     """
     tracked = frozenset(keywords) | frozenset(refuse)
     values: dict[str, object] = {}
-    leading: tuple[str, ...] = ()
     try:
         with open(path, "rb") as fh:
             for nblock in range(1, MAX_BLOCKS + 1):
@@ -162,15 +157,13 @@ def read_primary_header(
                 if len(block) != BLOCK or _NOT_PRINTABLE.search(block):
                     return None
                 text = block.decode("ascii")
-                if nblock == 1:
-                    if not _simple_card(text[:CARD]):
-                        return None
-                    leading = tuple(text[i : i + 8].rstrip(" ") for i in range(0, 5 * CARD, CARD))
+                if nblock == 1 and not _plain_start(text):
+                    return None
                 end = _read_cards(text, nblock == 1, keywords, refuse, tracked, values)
                 if end is None:
                     return None
                 if end:
-                    return FastHeader(_strip_strings(values), tracked, leading), nblock * BLOCK
+                    return FastHeader(_strip_strings(values), tracked), nblock * BLOCK
     except (OSError, UnparsedError):
         return None
     return None
@@ -189,8 +182,18 @@ def _strip_strings(values: dict[str, object]) -> dict[str, object]:
     return values
 
 
-def _simple_card(card: str) -> bool:
-    return card.startswith("SIMPLE  =                    T") and parse_value(card[10:]) is True
+#: The standard's mandatory order for a primary 2-D image (FITS 4.0, section 4.4.1.1).
+_PLAIN_ORDER = ("BITPIX", "NAXIS", "NAXIS1", "NAXIS2")
+
+
+def _plain_start(block: str) -> bool:
+    """True when the first block opens with ``SIMPLE = T`` and the structural cards of a
+    2-D image in the standard's order (their values are the caller's to check)."""
+    if not (block.startswith("SIMPLE  =                    T")
+            and parse_value(block[10:CARD]) is True):
+        return False
+    keys = tuple(block[i : i + 8].rstrip(" ") for i in range(CARD, 5 * CARD, CARD))
+    return keys == _PLAIN_ORDER
 
 
 def _read_cards(

@@ -261,9 +261,7 @@ def read_frame(path: Path, kind: str | None = None, root: Path | None = None) ->
     if fast is not None:
         header, data_offset = fast
         frame_kind = _decide_kind(header, path, kind)
-        return _frame_from_header(
-            path, header, frame_kind, 0, {"datLoc": data_offset}, stat, root
-        )
+        return _frame_from_header(path, header, frame_kind, 0, data_offset, stat, root)
     # astropy warns about damaged files on its own; we report one reason per file instead.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -288,9 +286,9 @@ def _fast_header(path: Path) -> tuple[FastHeader, int] | None:
     """The primary header of a plain 2-D image read without astropy, and its data offset.
 
     None (astropy must read the file) unless the header is the common case that astropy
-    certainly reads the same way: a primary 2-D image with integer structural values, the
-    cards in their standard order and numeric scaling keywords. Damaged files always go to
-    astropy, so that their reasons stay astropy's.
+    certainly reads the same way: a primary 2-D image with integer structural values (in
+    their standard order, which `read_primary_header` requires) and numeric scaling
+    keywords. Damaged files always go to astropy, so that their reasons stay astropy's.
     """
     read = read_primary_header(path, _HEADER_KEYWORDS, _NOT_PLAIN)
     if read is None:
@@ -299,7 +297,7 @@ def _fast_header(path: Path) -> tuple[FastHeader, int] | None:
     ints = [header.get(k) for k in ("BITPIX", "NAXIS", "NAXIS1", "NAXIS2")]
     if any(type(v) is not int for v in ints) or ints[0] not in _BITPIX or ints[1] != 2:
         return None
-    if ints[2] < 1 or ints[3] < 1 or header.leading[1:] != ("BITPIX", "NAXIS", "NAXIS1", "NAXIS2"):
+    if ints[2] < 1 or ints[3] < 1:
         return None
     for key in ("GCOUNT", "PCOUNT", "BLANK"):
         if key in header and type(header[key]) is not int:
@@ -325,9 +323,10 @@ def _read_header(path: Path, kind: str | None, root: Path | None, stat) -> Frame
         except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
             raise ValueError(f"not a readable FITS file ({_short(exc)})") from None
         compressed = "ZIMAGE" in header or hdu.__class__.__name__ == "CompImageHDU"
-        info = hdu.fileinfo() if not compressed else None
+        # Compressed pixels are decoded by astropy: no byte offset of their own.
+        data_offset = None if compressed else int(hdu.fileinfo()["datLoc"])
         frame_kind = _decide_kind(header, path, kind)
-        return _frame_from_header(path, header, frame_kind, index, info, stat, root)
+        return _frame_from_header(path, header, frame_kind, index, data_offset, stat, root)
 
 
 def _decide_kind(header: Header, path: Path, folder_kind: str | None) -> str:
@@ -350,7 +349,7 @@ def _decide_kind(header: Header, path: Path, folder_kind: str | None) -> str:
     return header_kind
 
 
-def _frame_from_header(path, header, kind, index, info, stat, root) -> Frame:
+def _frame_from_header(path, header, kind, index, data_offset, stat, root) -> Frame:
     bitpix = int(header.get("ZBITPIX", header["BITPIX"]))
     if bitpix not in _BITPIX:
         raise ValueError(f"unsupported BITPIX {bitpix}")
@@ -368,14 +367,9 @@ def _frame_from_header(path, header, kind, index, info, stat, root) -> Frame:
         raise ValueError("no EXPTIME/EXPOSURE header and no exposure such as '5s' in its name")
     if exptime is not None and exptime < 0:
         raise ValueError(f"negative exposure {exptime}")
-    data_offset = None
-    if info is not None:
-        data_offset = int(info["datLoc"])
-        if stat.st_size < data_offset + ny * nx * abs(bitpix) // 8:
-            raise ValueError(
-                f"truncated: {stat.st_size} bytes, the header promises "
-                f"{data_offset + ny * nx * abs(bitpix) // 8}"
-            )
+    end = None if data_offset is None else data_offset + ny * nx * abs(bitpix) // 8
+    if end is not None and stat.st_size < end:
+        raise ValueError(f"truncated: {stat.st_size} bytes, the header promises {end}")
     blank = header.get("BLANK") if bitpix > 0 else None
     filt = header.get("FILTER")
     return Frame(

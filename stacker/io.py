@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from stacker.errors import FrameReadError, MemoryBudgetError
+from stacker.fitsheader import BLOCK  # FITS record size
 from stacker.frames import Frame
 
 if TYPE_CHECKING:
     from astropy.io.fits import Header
 
-BLOCK = 2880  # FITS record size
 
 #: Bytes per input value the engine holds besides the kernel's own work: the float32 block.
 #: The raw bytes of one file's strip pass through a per-thread staging buffer (1/N of that).
