@@ -235,11 +235,13 @@ def _integer_median(work, c, p1, p2, r1, r2):  # pragma: no cover - compiled
             return False, 0.0
         hist[t] += 1.0
     cum = 0.0
-    a = -1.0
+    a = 0.0
+    have_a = False  # not a sentinel value of a: values below zero are whole numbers too
     for t in range(span):
         cum += hist[t]
-        if a < 0 and cum > r1:
+        if not have_a and cum > r1:
             a = base + t
+            have_a = True
         if cum > r2:
             return True, 0.5 * (a + (base + t))
     return False, 0.0

@@ -30,6 +30,7 @@ from stacker.combine import (
     sample_rows,
 )
 from stacker.errors import BuildError, StackerError
+from stacker.fitsheader import HeaderCards
 from stacker.frames import Frame, read_frame
 from stacker.io import (
     READ_BYTES_PER_VALUE,
@@ -58,7 +59,6 @@ from stacker.plan import Job, Plan
 from stacker.qc import FRAME_SAMPLE_PIXELS, judge, sample_frames
 
 if TYPE_CHECKING:
-    from astropy.io.fits import Header
     from distributed import Client
 
     from stacker.config import Settings
@@ -418,11 +418,9 @@ def _job_progress(job_id: str, progress: ProgressFn | None):
 
 
 def master_header(job: Job, settings: Settings, frames: tuple[Frame, ...],
-                  calibration: Path | None) -> Header:
+                  calibration: Path | None) -> HeaderCards:
     """The provenance header of a master: what it is, how it was made, from what."""
-    from astropy.io import fits
-
-    h = fits.Header()
+    h = HeaderCards()
     h["IMAGETYP"] = (IMAGETYP[job.kind], "type of image")
     if job.exptime is not None:
         h["EXPTIME"] = (round(job.exptime, 6), "[s] exposure time of the inputs")
@@ -480,10 +478,8 @@ def _method_cards(settings: Settings, job: Job) -> list[tuple[str, Any, str]]:
     return cards
 
 
-def _count_header() -> Header:
-    from astropy.io import fits
-
-    h = fits.Header()
+def _count_header() -> HeaderCards:
+    h = HeaderCards()
     h["EXTNAME"] = ("NUSED", "frames used per pixel after rejection")
     return h
 
@@ -537,15 +533,19 @@ def assemble(results: list[MasterResult], path: Path) -> Path:
     Each master contributes its image HDU (EXTNAME = job id) and its frames-used HDU
     (``<job id>_NUSED``); pixel bytes are copied as they are, never loaded whole.
     """
-    from astropy.io import fits
 
     temp = path.with_name(f".{path.name}.part")
-    primary = fits.Header()
-    primary["NMASTERS"] = (len(results), "masters in this file")
-    primary["CREATOR"] = f"stacker {__version__}"
+    primary = HeaderCards()
+    for key, value, comment in (("SIMPLE", True, "conforms to FITS standard"),
+                                ("BITPIX", 8, "array data type"),
+                                ("NAXIS", 0, "number of array dimensions"),
+                                ("EXTEND", True, ""),
+                                ("NMASTERS", len(results), "masters in this file"),
+                                ("CREATOR", f"stacker {__version__}", "")):
+        primary[key] = (value, comment)
     try:
         with open(temp, "wb") as out:
-            out.write(fits.PrimaryHDU(header=primary).header.tostring().encode("ascii"))
+            out.write(primary.to_string().encode("ascii"))
             # A flat names the dark it subtracted by file; in this file that is an HDU.
             names = {r.path.name: r.job_id.upper() for r in results}
             for r in results:

@@ -389,7 +389,8 @@ def _frame_from_header(path, header, kind, index, data_offset, stat, root) -> Fr
         offset=_optional_number(header, "OFFSET", "BLKLEVEL"),
         binning=(int(header.get("XBINNING", 1) or 1), int(header.get("YBINNING", 1) or 1)),
         filter=str(filt).strip() if filt is not None and str(filt).strip() else None,
-        date_obs=str(header["DATE-OBS"]) if "DATE-OBS" in header else None,
+        # Stripped like every text value, so astropy's strip_header_whitespace is moot.
+        date_obs=str(header["DATE-OBS"]).rstrip(" ") if "DATE-OBS" in header else None,
         size=stat.st_size,
         mtime=stat.st_mtime,
     )

@@ -15,21 +15,71 @@ from pathlib import Path
 
 import numpy as np
 
+from stacker.fitsheader import FastHeader, read_hdus
 from stacker.frames import Frame
 from stacker.io import StripReader, plan_strips
+
+#: Keywords `image_frame` and `locate` read besides the structural ones.
+_KEYWORDS = ("EXTNAME", "BSCALE", "BZERO", "ZIMAGE")
+
+
+def _names(hdus: list[tuple[FastHeader, int]]) -> list[str]:
+    """astropy's ``hdu.name`` of each HDU: EXTNAME upper-cased, else PRIMARY or ''."""
+    names = []
+    for i, (header, _) in enumerate(hdus):
+        ext = header.get("EXTNAME")
+        names.append(ext.strip().upper() if isinstance(ext, str) else "PRIMARY" if i == 0
+                     else "")
+    return names
+
+
+def _fast_image_frame(path: Path, hdu: int | str) -> Frame | None:
+    """`image_frame` from headers read without astropy; None when astropy must decide
+    (anything unusual, a compressed image, a missing HDU: its errors are astropy's)."""
+    hdus = read_hdus(path, _KEYWORDS)
+    if hdus is None:
+        return None
+    if isinstance(hdu, str):
+        names = _names(hdus)
+        key = hdu.strip().upper()
+        index = next((i for i, n in enumerate(names) if n == key or (key == "PRIMARY" and i == 0)),
+                     None)
+    else:
+        index = int(hdu) if 0 <= int(hdu) < len(hdus) else None
+    if index is None:
+        return None
+    header, offset = hdus[index]
+    if "ZIMAGE" in header or header.get("NAXIS") != 2 or (
+            index and header.get("XTENSION") != "IMAGE"):
+        return None
+    scale = [header.get(k, d) for k, d in (("BSCALE", 1.0), ("BZERO", 0.0))]
+    if any(isinstance(v, (bool, str)) for v in scale):
+        return None
+    return Frame(path=path, kind="master", exptime=None, exptime_source="",
+                 shape=(header["NAXIS2"], header["NAXIS1"]), bitpix=header["BITPIX"],
+                 bscale=float(scale[0]), bzero=float(scale[1]), hdu_index=index,
+                 data_offset=offset)
 
 
 def image_frame(path: Path, hdu: int | str = 0) -> Frame:
     """A `Frame` for image HDU `hdu` (index or EXTNAME) of `path`, read from its header.
+
+    Headers are read without astropy where `stacker.fitsheader.read_hdus` can (a master
+    stacker wrote always); astropy reads anything else.
 
     Raises
     ------
     ValueError
         When the HDU is missing or holds no 2-D image.
     """
+    path = Path(path)
+    fast = _fast_image_frame(path, hdu)
+    return fast if fast is not None else _astropy_image_frame(path, hdu)
+
+
+def _astropy_image_frame(path: Path, hdu: int | str) -> Frame:
     from astropy.io import fits
 
-    path = Path(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with fits.open(path, memmap=False, lazy_load_hdus=True,
@@ -39,7 +89,7 @@ def image_frame(path: Path, hdu: int | str = 0) -> Frame:
             except (KeyError, IndexError):
                 raise ValueError(f"{path}: no HDU {hdu!r}") from None
             header = h.header
-            if header.get("NAXIS") != 2:
+            if not h.is_image or header.get("ZNAXIS", header.get("NAXIS")) != 2:
                 raise ValueError(f"{path}[{hdu}]: not a 2-D image")
             compressed = "ZIMAGE" in header
             offset = None if compressed else int(h.fileinfo()["datLoc"])
@@ -55,10 +105,14 @@ def image_frame(path: Path, hdu: int | str = 0) -> Frame:
 
 def locate(path: Path, job_id: str) -> tuple[int | str, int | str]:
     """The image and frames-used HDUs of master `job_id` in `path` (own file or combined)."""
-    from astropy.io import fits
+    hdus = read_hdus(Path(path), _KEYWORDS)
+    if hdus is not None:
+        names = set(_names(hdus))
+    else:
+        from astropy.io import fits
 
-    with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
-        names = {h.name for h in hdul}
+        with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+            names = {h.name for h in hdul}
     name = job_id.upper()
     if name in names:
         return name, f"{name}_NUSED"

@@ -18,7 +18,7 @@ import re
 import threading
 import urllib.parse
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,12 +26,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from stacker.errors import FrameReadError, MemoryBudgetError
-from stacker.fitsheader import BLOCK  # FITS record size
+from stacker.fitsheader import BLOCK, HeaderCards, format_card  # BLOCK: FITS record size
 from stacker.frames import Frame
 
 if TYPE_CHECKING:
     from astropy.io.fits import Header
-
 
 #: Bytes per input value the engine holds besides the kernel's own work: the float32 block.
 #: The raw bytes of one file's strip pass through a per-thread staging buffer (1/N of that).
@@ -305,15 +304,16 @@ class MasterWriter:
     shape: tuple[int, int]
     image_offset: int
     count_offset: int
-    header_cards: tuple[tuple[str, int], ...]  # keyword -> byte offset of its card
+    #: (keyword, byte offset of its card, comment) of the primary header's cards
+    header_cards: tuple[tuple[str, int, str], ...]
 
     @classmethod
     def create(
         cls,
         final_path: Path,
         shape: tuple[int, int],
-        header: Header,
-        count_header: Header,
+        header: HeaderCards | Header,
+        count_header: HeaderCards | Header,
         extensions: bytes = b"",
     ) -> MasterWriter:
         """Lay out the file: headers, preallocated data, then `extensions` as they are.
@@ -343,7 +343,9 @@ class MasterWriter:
         except BaseException:
             temp.unlink(missing_ok=True)  # a full disk here leaves nothing behind
             raise
-        cards = tuple(_card_offsets(head0))
+        comments = {key: comment for key, _, comment in _triples(header)}
+        cards = tuple((key, offset, comments.get(key, ""))
+                      for key, offset in _card_offsets(head0))
         return cls(final_path, temp, shape, image_offset, count_offset, cards)
 
     def write(self, y0: int, image: np.ndarray, count: np.ndarray) -> None:
@@ -390,17 +392,17 @@ class MasterWriter:
 
     def set_cards(self, values: dict[str, object]) -> None:
         """Fill reserved header cards in place (same 80-byte slot, so nothing moves)."""
-        from astropy.io import fits
-
-        offsets = dict(self.header_cards)
+        slots = {key: (offset, comment) for key, offset, comment in self.header_cards}
         fd = os.open(self.temp_path, os.O_RDWR)
         try:
             for key, value in values.items():
-                if key not in offsets:
+                if key not in slots:
                     raise KeyError(f"header card {key} was not reserved")
-                old = fits.Card.fromstring(os.pread(fd, 80, offsets[key]).decode("ascii"))
-                card = fits.Card(key, value, old.comment)
-                _pwrite_all(fd, card.image.encode("ascii"), offsets[key])
+                offset, comment = slots[key]
+                card = format_card(key, value, comment)
+                if len(card) != 80:
+                    raise ValueError(f"header card {key} = {value!r} does not fit its slot")
+                _pwrite_all(fd, card.encode("ascii"), offset)
         finally:
             os.close(fd)
 
@@ -420,28 +422,54 @@ class MasterWriter:
 
 
 def image_header_bytes(
-    header: Header, shape: tuple[int, int], *, bitpix: int, primary: bool
+    cards: HeaderCards | Header | Iterable[tuple[str, object, str]], shape: tuple[int, int],
+    *, bitpix: int,
+    primary: bool
 ) -> bytes:
-    """The padded bytes of an image HDU header with the structural keywords set first."""
-    from astropy.io import fits
+    """The padded bytes of an image HDU header: the structural keywords first, as astropy
+    writes them, then `cards` (``(keyword, value, comment)``; structural ones are skipped).
 
+    Parameters
+    ----------
+    cards : HeaderCards, astropy.io.fits.Header or iterable of (str, object, str)
+        ``(keyword, value, comment)`` of the cards.
+    shape : (int, int)
+        ``(NAXIS2, NAXIS1)``.
+    bitpix : int
+        ``BITPIX`` of the data.
+    primary : bool
+        A primary HDU (``SIMPLE``, ``EXTEND``) or an image extension (``XTENSION``,
+        ``PCOUNT``, ``GCOUNT``).
+    """
     ny, nx = shape
-    hdu = fits.PrimaryHDU() if primary else fits.ImageHDU()
-    out = hdu.header.copy()
-    out["BITPIX"] = bitpix
-    out["NAXIS"] = 2
-    out.insert("NAXIS", ("NAXIS1", nx), after=True)
-    out.insert("NAXIS1", ("NAXIS2", ny), after=True)
     if primary:
-        out["EXTEND"] = True
-    for card in header.cards:
-        if card.keyword in _STRUCTURAL:
-            continue
-        out.append(card, end=True)
-    with warnings.catch_warnings():
-        # A long value (a file name) shortens its comment; the value itself is kept whole.
-        warnings.simplefilter("ignore", fits.verify.VerifyWarning)
-        return out.tostring().encode("ascii")
+        head = [("SIMPLE", True, "conforms to FITS standard")]
+    else:
+        head = [("XTENSION", "IMAGE", "Image extension")]
+    head += [("BITPIX", bitpix, "array data type"), ("NAXIS", 2, "number of array dimensions"),
+             ("NAXIS1", nx, ""), ("NAXIS2", ny, "")]
+    if primary:
+        head.append(("EXTEND", True, ""))
+    else:
+        head += [("PCOUNT", 0, "number of parameters"), ("GCOUNT", 1, "number of groups")]
+    text = "".join(format_card(*card) for card in head)
+    if hasattr(cards, "cards"):
+        # An astropy Header (a master copied into one file) keeps astropy's own images.
+        with warnings.catch_warnings():
+            # A long value (a file name) shortens its comment; the value itself is kept whole.
+            warnings.simplefilter("ignore")
+            text += "".join(c.image for c in cards.cards if c.keyword not in _STRUCTURAL)
+    else:
+        text += "".join(format_card(*c) for c in cards if c[0] not in _STRUCTURAL)
+    text += "END".ljust(80)
+    return (text + " " * (-len(text) % BLOCK)).encode("ascii")
+
+
+def _triples(cards) -> list[tuple[str, object, str]]:
+    """``(keyword, value, comment)`` of a `HeaderCards`, an astropy Header or such triples."""
+    if hasattr(cards, "cards"):  # an astropy Header
+        return [(c.keyword, c.value, c.comment) for c in cards.cards]
+    return list(cards)
 
 
 _STRUCTURAL = {"SIMPLE", "XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND",

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stacker.errors import OutputLockedError
+from stacker.fitsheader import read_hdus
 
 if TYPE_CHECKING:
     from stacker.config import Settings
@@ -123,11 +124,10 @@ def fingerprint(job: Job, settings: Settings, calibration: str | None = None) ->
 
 def file_fingerprint(path: Path) -> str:
     """Fingerprint of a master file used as is (flats built against an existing dark)."""
+    hdus = read_hdus(path, (FINGERPRINT_CARD,))
     try:
-        from astropy.io import fits
-
-        stored = fits.getheader(path).get(FINGERPRINT_CARD)
-    except (OSError, ValueError):
+        stored = (hdus[0][0] if hdus else _astropy_headers(path)[0]).get(FINGERPRINT_CARD)
+    except (OSError, ValueError, IndexError):
         stored = None
     st = path.stat()
     return stored or f"{path}:{st.st_size}:{st.st_mtime}"
@@ -154,25 +154,34 @@ class MasterIndex:
         The `stat_cards` of each header are kept, so a master that is reused needs no
         second read.
         """
-        from astropy.io import fits
-
         index = cls()
+        wanted = ("MASTERID", FINGERPRINT_CARD, *stat_cards)
         for path in sorted(Path(folder).glob("master_*.fits")):
+            # stacker's own masters are read without astropy (its import costs ~0.2 s).
+            hdus = read_hdus(path, wanted)
             try:
-                with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
-                    for hdu in hdul:
-                        h = hdu.header
-                        if "MASTERID" in h and FINGERPRINT_CARD in h:
-                            stats = {k.lower(): h[k] for k in stat_cards if k in h}
-                            key = (str(h["MASTERID"]), str(h[FINGERPRINT_CARD]))
-                            index.found[key] = Existing(path, stats)
+                headers = ([h for h, _ in hdus] if hdus is not None
+                           else _astropy_headers(path))
             except (OSError, ValueError) as exc:
                 log.debug("not indexing %s: %s", path, exc)
+                continue
+            for h in headers:
+                if "MASTERID" in h and FINGERPRINT_CARD in h:
+                    stats = {k.lower(): h[k] for k in stat_cards if k in h}
+                    key = (str(h["MASTERID"]), str(h[FINGERPRINT_CARD]))
+                    index.found[key] = Existing(path, stats)
         return index
 
     def get(self, job_id: str, digest: str) -> Existing | None:
         """The master of `job_id` built with `digest`, if one is on disk."""
         return self.found.get((job_id, digest))
+
+
+def _astropy_headers(path: Path) -> list:
+    from astropy.io import fits
+
+    with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+        return [hdu.header for hdu in hdul]
 
 
 def check_free_space(folder: Path, need: int, what: str) -> None:

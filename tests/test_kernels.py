@@ -89,6 +89,8 @@ sigma_options = st.fixed_dictionaries({
          {"sigma_low": 0.5, "sigma_high": 1.0, "stddev": "mad_std"})
 @example(np.array([[[0.0]], [[1.0]]], np.float32), {"center": "mean", "sigma_low": 0.5,
                                                      "sigma_high": 0.5})  # would reject all
+@example(np.array([0, 0, -1, -1], np.float32).reshape(4, 1, 1),  # whole numbers below zero:
+         {"sigma_low": 0.5, "sigma_high": 0.5, "stddev": "mad_std"})  # the counting median
 def test_sigma_clip_matches_reference(block, options):
     assert_same(SigmaClip(**options)(block), sigma_clip_reference(block, **options), block)
 
