@@ -533,19 +533,13 @@ def assemble(results: list[MasterResult], path: Path) -> Path:
     Each master contributes its image HDU (EXTNAME = job id) and its frames-used HDU
     (``<job id>_NUSED``); pixel bytes are copied as they are, never loaded whole.
     """
-
     temp = path.with_name(f".{path.name}.part")
     primary = HeaderCards()
-    for key, value, comment in (("SIMPLE", True, "conforms to FITS standard"),
-                                ("BITPIX", 8, "array data type"),
-                                ("NAXIS", 0, "number of array dimensions"),
-                                ("EXTEND", True, ""),
-                                ("NMASTERS", len(results), "masters in this file"),
-                                ("CREATOR", f"stacker {__version__}", "")):
-        primary[key] = (value, comment)
+    primary["NMASTERS"] = (len(results), "masters in this file")
+    primary["CREATOR"] = f"stacker {__version__}"
     try:
         with open(temp, "wb") as out:
-            out.write(primary.to_string().encode("ascii"))
+            out.write(image_header_bytes(primary, (), bitpix=8, primary=True))
             # A flat names the dark it subtracted by file; in this file that is an HDU.
             names = {r.path.name: r.job_id.upper() for r in results}
             for r in results:

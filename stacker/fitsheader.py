@@ -25,6 +25,7 @@ import math
 import numbers
 import re
 from collections.abc import Collection, Iterator
+from functools import partial
 from pathlib import Path
 
 BLOCK = 2880
@@ -43,7 +44,9 @@ _REST = r" *(?:/.*)?$"
 _STRING = re.compile(r"'((?:[^']|'')*)'" + _REST)
 _LOGICAL = re.compile(r"([TF])" + _REST)
 _NUMBER = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+)(?:[EeDd][+-]?\d+)?)" + _REST)
-_COMMENTARY = frozenset({"", "COMMENT", "HISTORY"})
+#: Cards whose value is free text after the keyword (no ``= ``, no comment).
+COMMENTARY = ("HISTORY", "COMMENT")
+_COMMENTARY = frozenset({"", *COMMENTARY})  # and blank-keyword cards, read as commentary
 
 
 class UnparsedError(Exception):
@@ -161,20 +164,30 @@ def read_primary_header(
     values: dict[str, object] = {}
     try:
         with open(path, "rb") as fh:
-            for nblock in range(1, MAX_BLOCKS + 1):
-                block = fh.read(BLOCK)
-                if len(block) != BLOCK or _NOT_PRINTABLE.search(block):
-                    return None
-                text = block.decode("ascii")
-                if nblock == 1 and not _plain_start(text):
-                    return None
-                end = _read_cards(text, nblock == 1, keywords, refuse, tracked, values)
-                if end is None:
-                    return None
-                if end:
-                    return FastHeader(_strip_strings(values), tracked), nblock * BLOCK
+            nblocks = _read_header(fh, _plain_start, keywords, refuse, tracked, values)
     except (OSError, UnparsedError):
         return None
+    if nblocks is None:
+        return None
+    return FastHeader(_strip_strings(values), tracked), nblocks * BLOCK
+
+
+def _read_header(fh, opens, keywords, refuse, tracked, values) -> int | None:
+    """Read one header from `fh`'s position into `values`: its length in blocks, or None
+    when astropy must read it (`opens(first_block)` false, a refused card, no END within
+    `MAX_BLOCKS`, a short file or bytes that are not printable ASCII)."""
+    for nblock in range(1, MAX_BLOCKS + 1):
+        block = fh.read(BLOCK)
+        if len(block) != BLOCK or _NOT_PRINTABLE.search(block):
+            return None
+        text = block.decode("ascii")
+        if nblock == 1 and not opens(text):
+            return None
+        end = _read_cards(text, nblock == 1, keywords, refuse, tracked, values)
+        if end is None:
+            return None
+        if end:
+            return nblock
     return None
 
 
@@ -217,25 +230,12 @@ def read_hdus(
             start = 0
             while start < size:
                 values: dict[str, object] = {}
-                nblock = 0
-                end = False
-                while not end:
-                    nblock += 1
-                    block = fh.read(BLOCK)
-                    if (nblock > MAX_BLOCKS or len(block) != BLOCK
-                            or _NOT_PRINTABLE.search(block)):
-                        return None
-                    text = block.decode("ascii")
-                    if nblock == 1:
-                        first = _hdu_start(text, primary=not hdus)
-                        if first is None:
-                            return None
-                        values[first[0]] = first[1]
-                    end = _read_cards(text, nblock == 1, wanted, refuse, tracked, values)
-                    if end is None:
-                        return None
+                opens = partial(_hdu_start, primary=not hdus, values=values)
+                nblocks = _read_header(fh, opens, wanted, refuse, tracked, values)
+                if nblocks is None:
+                    return None
                 header = FastHeader(_strip_strings(values), tracked)
-                data = start + nblock * BLOCK
+                data = start + nblocks * BLOCK
                 span = _data_bytes(header)
                 if span is None:
                     return None
@@ -249,21 +249,23 @@ def read_hdus(
     return hdus
 
 
-def _hdu_start(block: str, primary: bool) -> tuple[str, object] | None:
-    """The first card of a header: ``SIMPLE = T`` for the primary, an ``XTENSION`` string
-    for an extension; None for anything else."""
+def _hdu_start(block: str, primary: bool, values: dict[str, object]) -> bool:
+    """True when a header opens with ``SIMPLE = T`` (primary) or an ``XTENSION`` string
+    (extension); that first card's value goes into `values`."""
     try:
         if primary:
             if (block.startswith("SIMPLE  =                    T")
                     and parse_value(block[10:CARD]) is True):
-                return "SIMPLE", True
+                values["SIMPLE"] = True
+                return True
         elif block.startswith("XTENSION= "):
             value = parse_value(block[10:CARD])
             if isinstance(value, str):
-                return "XTENSION", value.rstrip(" ")
+                values["XTENSION"] = value
+                return True
     except UnparsedError:
         pass
-    return None
+    return False
 
 
 def _data_bytes(header: FastHeader) -> int | None:
@@ -355,12 +357,9 @@ def _read_cards(
 # Writing
 
 
-#: Cards whose value is free text after the keyword (no ``= ``, no comment).
-COMMENTARY = ("HISTORY", "COMMENT")
 #: Text of a commentary card: 80 columns less the 8 of the keyword.
 _COMMENTARY_WIDTH = CARD - 8
 _KEYWORD = re.compile(r"[A-Z0-9_-]{1,8}")
-QUOTE = "'"
 
 
 class HeaderCards:
@@ -403,9 +402,6 @@ class HeaderCards:
     def __iter__(self) -> Iterator[tuple[str, object, str]]:
         return (tuple(card) for card in self._cards)  # type: ignore[misc]
 
-    def __len__(self) -> int:
-        return len(self._cards)
-
     def add_history(self, text: str) -> None:
         """Append a ``HISTORY`` card (split over several when longer than 72 characters)."""
         self._cards.append(["HISTORY", text, ""])
@@ -413,8 +409,13 @@ class HeaderCards:
     def to_string(self) -> str:
         """The cards' images followed by ``END``, padded with blanks to whole 2880-byte
         records (``Header.tostring()``)."""
-        text = "".join(format_card(*card) for card in self._cards) + _END_CARD
-        return text + " " * (-len(text) % BLOCK)
+        return end_header("".join(format_card(*card) for card in self._cards))
+
+
+def end_header(images: str) -> str:
+    """Card images followed by ``END``, padded with blanks to whole 2880-byte records."""
+    text = images + _END_CARD
+    return text + " " * (-len(text) % BLOCK)
 
 
 def format_card(keyword: str, value: object, comment: str = "") -> str:
@@ -457,7 +458,8 @@ def _format_value(keyword: str, value: object) -> str:
     if isinstance(value, str):
         if not value:
             return "''"
-        quoted = "'" + f"{value.replace(QUOTE, QUOTE * 2):8}" + "'"
+        escaped = value.replace("'", "''")
+        quoted = f"'{escaped:8}'"
         return f"{quoted:20}"
     if isinstance(value, bool) or type(value).__name__ == "bool_":
         return f"{'T' if value else 'F':>20}"

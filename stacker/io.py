@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from stacker.errors import FrameReadError, MemoryBudgetError
-from stacker.fitsheader import BLOCK, HeaderCards, format_card  # BLOCK: FITS record size
+from stacker.fitsheader import BLOCK, HeaderCards, end_header, format_card
 from stacker.frames import Frame
 
 if TYPE_CHECKING:
@@ -422,9 +422,11 @@ class MasterWriter:
 
 
 def image_header_bytes(
-    cards: HeaderCards | Header | Iterable[tuple[str, object, str]], shape: tuple[int, int],
-    *, bitpix: int,
-    primary: bool
+    cards: HeaderCards | Header | Iterable[tuple[str, object, str]],
+    shape: tuple[int, ...],
+    *,
+    bitpix: int,
+    primary: bool,
 ) -> bytes:
     """The padded bytes of an image HDU header: the structural keywords first, as astropy
     writes them, then `cards` (``(keyword, value, comment)``; structural ones are skipped).
@@ -433,21 +435,21 @@ def image_header_bytes(
     ----------
     cards : HeaderCards, astropy.io.fits.Header or iterable of (str, object, str)
         ``(keyword, value, comment)`` of the cards.
-    shape : (int, int)
-        ``(NAXIS2, NAXIS1)``.
+    shape : tuple of int
+        ``(NAXIS2, NAXIS1)``; ``()`` for a primary HDU without data.
     bitpix : int
         ``BITPIX`` of the data.
     primary : bool
         A primary HDU (``SIMPLE``, ``EXTEND``) or an image extension (``XTENSION``,
         ``PCOUNT``, ``GCOUNT``).
     """
-    ny, nx = shape
     if primary:
         head = [("SIMPLE", True, "conforms to FITS standard")]
     else:
         head = [("XTENSION", "IMAGE", "Image extension")]
-    head += [("BITPIX", bitpix, "array data type"), ("NAXIS", 2, "number of array dimensions"),
-             ("NAXIS1", nx, ""), ("NAXIS2", ny, "")]
+    head += [("BITPIX", bitpix, "array data type"),
+             ("NAXIS", len(shape), "number of array dimensions")]
+    head += [(f"NAXIS{i}", n, "") for i, n in enumerate(reversed(shape), 1)]
     if primary:
         head.append(("EXTEND", True, ""))
     else:
@@ -461,8 +463,7 @@ def image_header_bytes(
             text += "".join(c.image for c in cards.cards if c.keyword not in _STRUCTURAL)
     else:
         text += "".join(format_card(*c) for c in cards if c[0] not in _STRUCTURAL)
-    text += "END".ljust(80)
-    return (text + " " * (-len(text) % BLOCK)).encode("ascii")
+    return end_header(text).encode("ascii")
 
 
 def _triples(cards) -> list[tuple[str, object, str]]:
@@ -548,10 +549,9 @@ def bintable_bytes(columns: Sequence[TableColumn], extname: str) -> bytes:
     for n, c in enumerate(columns, 1):
         cards += [(f"TTYPE{n}", c.name, ""), (f"TFORM{n}", c.format, "")]
     cards.append(("EXTNAME", extname, "extension name"))
-    header = "".join(_fixed_card(*card) for card in cards) + "END".ljust(80)
+    header = end_header("".join(format_card(*card) for card in cards))
     data = table.tobytes()
-    return (header.ljust(_padded(len(header))).encode("ascii")
-            + data + bytes(_padded(len(data)) - len(data)))
+    return header.encode("ascii") + data + bytes(_padded(len(data)) - len(data))
 
 
 _TFORM = re.compile(r"(\d*)([AD])")
@@ -571,19 +571,6 @@ def _ascii_bytes(column: str, row: int, text: str) -> bytes:
         raise ValueError(f"column {column}, row {row}: {text!r} is not printable ASCII "
                          "(FITS 'A' fields hold ASCII text; see fits_ascii)")
     return text.encode("ascii")
-
-
-def _fixed_card(key: str, value: int | str, comment: str) -> str:
-    """One 80-character header card in the standard's fixed format (as astropy writes it)."""
-    if isinstance(value, str):
-        quoted = "'" + value.replace("'", "''").ljust(8) + "'"
-        field = quoted.ljust(20)
-    else:
-        field = str(value).rjust(20)
-    card = f"{key:<8}= {field}" + (f" / {comment}" if comment else "")
-    if len(card) > 80 or not (card.isascii() and card.isprintable()):
-        raise ValueError(f"header card {key} = {value!r} does not fit one ASCII card")
-    return card.ljust(80)
 
 
 #: Printable ASCII that `fits_ascii` keeps as it is: everything but '%', its escape character.
