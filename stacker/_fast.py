@@ -798,14 +798,18 @@ def summarize(image, bits, hist, row_s1, row_s2):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
-def low_histogram(image, bits, bin0, bin1, low):  # pragma: no cover - compiled
+def low_histogram(words, bin0, bin1, low):  # pragma: no cover - compiled
     """For the finite values whose key's top 16 bits are bin0 (bin1), count the low 16 bits
-    in low[0] (low[1])."""
-    flat = image.ravel()
-    flat_bits = bits.ravel()
+    in low[0] (low[1]). `words` are float32 values as the file holds them: big-endian,
+    read as uint32 words, so the master is histogrammed straight from the bytes read."""
+    flat = words.ravel()
     for i in range(flat.size):
-        if np.isfinite(flat[i]):
-            k = _key(flat_bits[i])
+        w = flat[i]
+        # byte swap (one instruction once compiled), then the float32 bits are native
+        u = ((w >> 24) | ((w >> 8) & np.uint32(0xFF00)) | ((w << 8) & np.uint32(0xFF0000))
+             | (w << 24)) & np.uint32(0xFFFFFFFF)
+        if u & np.uint32(0x7F800000) != np.uint32(0x7F800000):  # finite
+            k = _key(u)
             top = k >> 16
             if top == bin0:
                 low[0, k & 0xFFFF] += 1

@@ -179,7 +179,7 @@ def combine_into(reader: StripReader, writer: MasterWriter, kernel: Callable, ro
                 for future in futures:
                     future.cancel()
                 raise
-    return summary.result(writer, rows)
+    return summary.result(writer, rows, num_workers)
 
 
 def _running_task(reader: StripReader, writer: MasterWriter, running: Callable, y0: int,
@@ -296,8 +296,9 @@ class StripSummary:
             self.used_hi = max(self.used_hi, u_hi)
             self.hist += hist
 
-    def result(self, writer: MasterWriter, rows: int) -> MasterStats:
-        """The statistics of everything added; reads the image back from `writer` once."""
+    def result(self, writer: MasterWriter, rows: int, workers: int = 1) -> MasterStats:
+        """The statistics of everything added; reads the image back from `writer` once, on
+        `workers` threads."""
         used_mean = self.used_sum / self.pixels if self.pixels else 0.0
         n_nan = self.pixels - self.count
         if self.count == 0:
@@ -306,22 +307,44 @@ class StripSummary:
                                self.used_hi)
         mean = self.row_s1.sum() / self.count
         std = float(np.sqrt(max(self.row_s2.sum() / self.count - mean * mean, 0.0)))
-        a, b = self._middle(writer, rows)
+        a, b = self._middle(writer, rows, workers)
         return MasterStats(float(mean), float((a + b) / 2), std, float(self.lo),
                            float(self.hi), n_nan, float(used_mean), self.used_lo, self.used_hi)
 
-    def _middle(self, writer: MasterWriter, rows: int) -> tuple[float, float]:
-        """The values of ranks (n-1)//2 and n//2 (0-based) among the finite values."""
+    def _middle(self, writer: MasterWriter, rows: int, workers: int = 1
+                ) -> tuple[float, float]:
+        """The values of ranks (n-1)//2 and n//2 (0-based) among the finite values.
+
+        One pass over the written image, strip by strip on `workers` threads, each strip's
+        big-endian words histogrammed as they are read: no byte-swapped copy (this pass
+        was 0.14 s of a 1 s N=50 mean build, on one thread, through two copies).
+        """
         from stacker import _fast
 
         ranks = ((self.count - 1) // 2, self.count // 2)
         cum = np.cumsum(self.hist)
         bins = [int(np.searchsorted(cum, k, side="right")) for k in ranks]
         within = [k - (int(cum[b - 1]) if b > 0 else 0) for k, b in zip(ranks, bins, strict=True)]
-        low = np.zeros((2, KEY_BINS), np.int64)
-        for y0, y1 in plan_strips(writer.shape[0], rows):
-            image = np.ascontiguousarray(writer.read_image(y0, y1), dtype=np.float32)
-            _fast.low_histogram(image, image.view(np.uint32), bins[0], bins[1], low)
+        ny, nx = writer.shape
+        # Strips of about READBACK_BYTES (within the build's own strip height, its budget).
+        step = max(1, min(rows, READBACK_BYTES // (4 * nx)))
+        strips = plan_strips(ny, step)
+        workers = max(1, min(workers, len(strips)))
+
+        def count(part: Sequence[tuple[int, int]]) -> np.ndarray:
+            low = np.zeros((2, KEY_BINS), np.int64)
+            words = np.empty(min(step, ny) * nx, np.uint32)
+            for y0, y1 in part:
+                strip = writer.read_image_words(y0, y1, words[: (y1 - y0) * nx])
+                _fast.low_histogram(strip, bins[0], bins[1], low)
+            return low
+
+        parts = [strips[i::workers] for i in range(workers)]
+        if workers == 1:
+            low = count(parts[0])
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="stacker-median") as pool:
+                low = sum(pool.map(count, parts))
         keys = []
         for i in range(2):
             t = int(np.searchsorted(np.cumsum(low[i]), within[i], side="right"))
@@ -330,11 +353,14 @@ class StripSummary:
         return float(values[0]), float(values[1])
 
 
+#: Bytes of the image read at a time by the median's pass over a written master.
+READBACK_BYTES = 2 * 1024 * 1024
+
 #: Bins of the first-level histogram of a strip summary (the top 16 bits of a key).
 KEY_BINS = 1 << 16
 
 
-def master_statistics(writer: MasterWriter, rows: int) -> MasterStats:
+def master_statistics(writer: MasterWriter, rows: int, workers: int = 1) -> MasterStats:
     """Exact statistics of the image written so far, read back strip by strip.
 
     The master is N times smaller than its inputs, so this pass is cheap; the median is
@@ -344,7 +370,7 @@ def master_statistics(writer: MasterWriter, rows: int) -> MasterStats:
     summary = StripSummary(writer.shape)
     for y0, y1 in plan_strips(writer.shape[0], rows):
         summary.add(y0, writer.read_image(y0, y1), writer.read_count(y0, y1))
-    return summary.result(writer, rows)
+    return summary.result(writer, rows, workers)
 
 
 def normalize_in_place(writer: MasterWriter, factor: float, rows: int) -> None:

@@ -353,9 +353,9 @@ class MasterWriter:
         nx = self.shape[1]
         fd = os.open(self.temp_path, os.O_WRONLY)
         try:
-            _pwrite_all(fd, np.ascontiguousarray(image, dtype=">f4").tobytes(),
+            _pwrite_all(fd, np.ascontiguousarray(image, dtype=">f4"),
                         self.image_offset + y0 * nx * 4)
-            _pwrite_all(fd, np.ascontiguousarray(count, dtype=">i2").tobytes(),
+            _pwrite_all(fd, np.ascontiguousarray(count, dtype=">i2"),
                         self.count_offset + y0 * nx * 2)
         finally:
             os.close(fd)
@@ -373,6 +373,23 @@ class MasterWriter:
             data = fh.read((y1 - y0) * nx * 4)
         return np.frombuffer(data, dtype=">f4").reshape(y1 - y0, nx).astype(np.float32)
 
+    def read_image_words(self, y0: int, y1: int, out: np.ndarray) -> np.ndarray:
+        """Rows of the image as the file holds them (big-endian float32) in the uint32 array
+        `out` (``(y1 - y0) * nx`` words), without conversion: for passes that decode the
+        bytes themselves."""
+        nx = self.shape[1]
+        if out.dtype != np.uint32 or out.size != (y1 - y0) * nx:
+            raise ValueError(f"out must be {(y1 - y0) * nx} uint32 words, got {out.size} "
+                             f"{out.dtype}")
+        fd = os.open(self.temp_path, os.O_RDONLY)
+        try:
+            got = os.preadv(fd, [out], self.image_offset + y0 * nx * 4)
+        finally:
+            os.close(fd)
+        if got != out.nbytes:
+            raise OSError(f"{self.temp_path}: image rows {y0}-{y1} are beyond its end")
+        return out
+
     def read_count(self, y0: int, y1: int) -> np.ndarray:
         """Rows of the frames-used map written so far."""
         nx = self.shape[1]
@@ -385,7 +402,7 @@ class MasterWriter:
         """Replace image rows from `y0` (used to normalize a flat in place)."""
         fd = os.open(self.temp_path, os.O_WRONLY)
         try:
-            _pwrite_all(fd, np.ascontiguousarray(image, dtype=">f4").tobytes(),
+            _pwrite_all(fd, np.ascontiguousarray(image, dtype=">f4"),
                         self.image_offset + y0 * self.shape[1] * 4)
         finally:
             os.close(fd)
@@ -604,8 +621,12 @@ def fits_ascii(text: str) -> str:
             + "%20" * (len(raw) - len(body)))
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | np.ndarray, offset: int) -> None:
+    """Write all of `data` (bytes or a C-contiguous array, written as it is in memory)."""
     view = memoryview(data)
+    if not view.nbytes:
+        return
+    view = view.cast("B")  # slices count bytes, as pwrite does
     while view:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
