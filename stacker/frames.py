@@ -57,6 +57,10 @@ class Frame:
         The HDU holding the image (1 for tile-compressed files).
     data_offset : int or None
         Byte offset of the first pixel in the file; None for compressed data.
+    egain : float or None
+        ``EGAIN`` (electrons per ADU) when it is a positive number.
+    bayerpat : str or None
+        ``BAYERPAT`` (upper case) when it is an arrangement of R, G, G and B.
     """
 
     path: Path
@@ -78,6 +82,8 @@ class Frame:
     date_obs: str | None = None
     size: int = 0
     mtime: float = 0.0
+    egain: float | None = None
+    bayerpat: str | None = None
 
     @property
     def compressed(self) -> bool:
@@ -275,7 +281,7 @@ _HEADER_KEYWORDS = frozenset({
     "SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "GCOUNT", "PCOUNT",
     "IMAGETYP", "FRAME", "EXPTIME", "EXPOSURE", "BSCALE", "BZERO", "BLANK",
     "CCD-TEMP", "CCD_TEMP", "TEMPERAT", "GAIN", "EGAIN", "OFFSET", "BLKLEVEL",
-    "XBINNING", "YBINNING", "FILTER", "DATE-OBS",
+    "XBINNING", "YBINNING", "FILTER", "DATE-OBS", "BAYERPAT",
 })
 # Keywords that make a primary header other than a plain 2-D image (extension, compressed
 # image, random groups): astropy decides what such a file holds.
@@ -393,7 +399,20 @@ def _frame_from_header(path, header, kind, index, data_offset, stat, root) -> Fr
         date_obs=str(header["DATE-OBS"]).rstrip(" ") if "DATE-OBS" in header else None,
         size=stat.st_size,
         mtime=stat.st_mtime,
+        # Read here with the rest, so that quality control opens no header again.
+        egain=_positive(_optional_number(header, "EGAIN")),
+        bayerpat=_bayer_pattern(header.get("BAYERPAT")),
     )
+
+
+def _positive(value: float | None) -> float | None:
+    return value if value is not None and value > 0 else None
+
+
+def _bayer_pattern(value: object) -> str | None:
+    """``RGGB``, ``BGGR``, ... from a BAYERPAT value; None for anything else."""
+    text = str(value).strip().upper() if value is not None else ""
+    return text if sorted(text) == sorted("RGGB") else None
 
 
 def _short(exc: BaseException) -> str:

@@ -444,6 +444,7 @@ def image_header_bytes(
     *,
     bitpix: int,
     primary: bool,
+    extend: bool = True,
 ) -> bytes:
     """The padded bytes of an image HDU header: the structural keywords first, as astropy
     writes them, then `cards` (``(keyword, value, comment)``; structural ones are skipped).
@@ -459,6 +460,9 @@ def image_header_bytes(
     primary : bool
         A primary HDU (``SIMPLE``, ``EXTEND``) or an image extension (``XTENSION``,
         ``PCOUNT``, ``GCOUNT``).
+    extend : bool
+        Write ``EXTEND = T`` in a primary header (astropy leaves it out of a single-HDU file
+        whose header did not have it, such as the bad-pixel mask).
     """
     if primary:
         head = [("SIMPLE", True, "conforms to FITS standard")]
@@ -468,7 +472,8 @@ def image_header_bytes(
              ("NAXIS", len(shape), "number of array dimensions")]
     head += [(f"NAXIS{i}", n, "") for i, n in enumerate(reversed(shape), 1)]
     if primary:
-        head.append(("EXTEND", True, ""))
+        if extend:
+            head.append(("EXTEND", True, ""))
     else:
         head += [("PCOUNT", 0, "number of parameters"), ("GCOUNT", 1, "number of groups")]
     text = "".join(format_card(*card) for card in head)

@@ -161,17 +161,8 @@ def _kept(r: MasterResult, frame: Frame) -> bool:
 
 
 def _egain(frames: Sequence[Frame]) -> float | None:
-    from astropy.io import fits
-
-    if not frames:
-        return None
-    header = fits.getheader(frames[0].path, frames[0].hdu_index)
-    value = header.get("EGAIN")
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if value > 0 else None
+    """The first frame's EGAIN (read with its header by the inventory)."""
+    return frames[0].egain if frames else None
 
 
 def _e(value: float | None, egain: float | None) -> float | None:
@@ -484,13 +475,8 @@ def _flat_snr(frames, calibration, scales, reference, used_mean) -> dict[str, An
 
 
 def _bayer(frames: Sequence[Frame]) -> str | None:
-    from astropy.io import fits
-
-    if not frames:
-        return None
-    value = fits.getheader(frames[0].path, frames[0].hdu_index).get("BAYERPAT")
-    text = str(value).strip().upper() if value is not None else ""
-    return text if sorted(text) == sorted("RGGB") else None
+    """The first frame's Bayer pattern (read with its header by the inventory)."""
+    return frames[0].bayerpat if frames else None
 
 
 def _channels(image: Frame, pattern: str) -> dict[str, float]:
@@ -630,10 +616,14 @@ def _components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
 
 def write_mask(out_dir: Path, timestamp: str, shape: tuple[int, int], bad: _Bad,
                many: bool = False) -> dict[str, Any]:
-    """Write ``bad_pixel_mask_<timestamp>.fits`` (uint8; 1 = hot, 2 = dead/low) atomically."""
-    from astropy.io import fits
+    """Write ``bad_pixel_mask_<timestamp>.fits`` (uint8; 1 = hot, 2 = dead/low) atomically.
 
+    The header and file are written by stacker's own FITS writer (`stacker.fitsheader`,
+    byte for byte what astropy writes), so quality control imports no astropy.
+    """
     from stacker import __version__
+    from stacker.fitsheader import HeaderCards
+    from stacker.io import BLOCK, image_header_bytes
 
     ny, nx = shape
     mask = np.zeros(ny * nx, np.uint8)
@@ -653,7 +643,7 @@ def write_mask(out_dir: Path, timestamp: str, shape: tuple[int, int], bad: _Bad,
         return {"path": str(same), **summary}
     name = f"bad_pixel_mask_{nx}x{ny}_{timestamp}.fits" if many else \
         f"bad_pixel_mask_{timestamp}.fits"
-    header = fits.Header()
+    header = HeaderCards()
     header["IMAGETYP"] = ("BAD PIXEL MASK", "type of image")
     header["MASKHOT"] = (HOT_BIT, "bit of hot pixels (master darks)")
     header["MASKLOW"] = (LOW_BIT, "bit of dead or low pixels (master flats)")
@@ -666,7 +656,12 @@ def write_mask(out_dir: Path, timestamp: str, shape: tuple[int, int], bad: _Bad,
     path = out_dir / name
     temp = path.with_name(f".{name}.part")
     try:
-        fits.PrimaryHDU(mask.reshape(ny, nx), header=header).writeto(temp)
+        with open(temp, "wb") as fh:
+            fh.write(image_header_bytes(header, shape, bitpix=8, primary=True, extend=False))
+            fh.write(mask.tobytes())
+            fh.write(bytes(-mask.size % BLOCK))
+            fh.flush()
+            os.fsync(fh.fileno())  # complete on disk before it takes the name
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
@@ -688,12 +683,19 @@ def _mask_digest(mask: np.ndarray, sources: list[str]) -> str:
 
 
 def _existing_mask(out_dir: Path, digest: str) -> Path | None:
-    from astropy.io import fits
+    from stacker.fitsheader import read_primary_header
 
     for path in sorted(out_dir.glob("bad_pixel_mask_*.fits")):
         try:
-            if fits.getheader(path).get(MASK_CARD) == digest:
-                return path
+            read = read_primary_header(path, (MASK_CARD,))
+            if read is None:  # not a header stacker wrote: astropy reads it
+                from astropy.io import fits
+
+                found = fits.getheader(path).get(MASK_CARD)
+            else:
+                found = read[0].get(MASK_CARD)
         except (OSError, ValueError):
             continue
+        if found == digest:
+            return path
     return None

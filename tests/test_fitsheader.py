@@ -25,7 +25,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::astropy.utils.exceptions.Astrop
 # Keywords read_frame looks at, and one it does not (OBJECT).
 NUMERIC_KEYS = ["EXPTIME", "EXPOSURE", "CCD-TEMP", "CCD_TEMP", "TEMPERAT", "GAIN", "EGAIN",
                 "OFFSET", "BLKLEVEL", "XBINNING", "YBINNING", "BLANK", "BSCALE", "BZERO"]
-TEXT_KEYS = ["IMAGETYP", "FRAME", "FILTER", "DATE-OBS", "OBJECT"]
+TEXT_KEYS = ["IMAGETYP", "FRAME", "FILTER", "DATE-OBS", "BAYERPAT", "OBJECT"]
 IMAGETYPS = ["Bias Frame", "Dark Frame", "Flat Field", "DARK", "Light Frame", "Focus", "",
              "  Dark  ", "Dark Flat"]
 

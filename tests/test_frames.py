@@ -54,6 +54,25 @@ def test_header_fields_are_read_without_pixels(fitsfile):
     assert f.date_obs == "2025-07-29T22:00:00"
 
 
+@pytest.mark.parametrize(("egain", "expected"), [
+    (1.5, 1.5), ("0.25", 0.25), (0, None), (-2.0, None), (True, None), ("high", None),
+])
+@pytest.mark.parametrize(("pattern", "bayer"), [
+    ("RGGB", "RGGB"), ("  bggr ", "BGGR"), ("GRBG", "GRBG"), ("RGB", None), ("RRGB", None),
+    (4, None), (None, None),
+])
+@pytest.mark.parametrize("compressed", [False, True])
+def test_egain_and_bayer_pattern_for_quality_control(fitsfile, egain, expected, pattern,
+                                                     bayer, compressed):
+    """Read with the rest of the header (plain files without astropy, compressed with it),
+    so that quality control reads no header again."""
+    extra = {} if pattern is None else {"BAYERPAT": pattern}
+    f = read_frame(fitsfile("f.fits", U16, compressed=compressed, IMAGETYP="Flat",
+                            EXPTIME=1.0, EGAIN=egain, **extra))
+    assert (f.egain, f.bayerpat) == (expected, bayer)
+    assert f.compressed == compressed
+
+
 def test_exposure_keyword_and_name_fallbacks(fitsfile, tmp_path):
     assert read_frame(fitsfile("a.fits", U16, IMAGETYP="Dark", EXPOSURE=2.5)).exptime == 2.5
     f = read_frame(fitsfile("dark_7s_01.fits", U16, IMAGETYP="Dark"))

@@ -166,3 +166,40 @@ def test_with_few_darks_cosmic_rays_are_not_counted_as_hot_pixels(tmp_path):
     m = metrics(status, "dark_120.000s")
     assert m["hot_candidates_not_persistent"] > 20  # the cosmic rays that survived
     assert truth.params["hot_pixels"] <= m["hot_pixels"] <= truth.params["hot_pixels"] + 3
+
+
+def test_bad_pixel_mask_file_is_byte_for_byte_what_astropy_wrote(tmp_path):
+    """The mask is written by stacker's own header writer; the reference is the astropy
+    code it replaced. A rerun with the same mask finds the file (read without astropy)."""
+    from stacker import __version__, metrics
+
+    shape = (7, 5)
+    sources = ["/masters/" + "d" * 90 + ".fits", "master_flat_L.fits"]  # a HISTORY > 72
+    bad = metrics._Bad()
+    bad.add("hot", shape, np.array([0, 3, 34]), sources[0])
+    bad.add("low", shape, np.array([3, 10]), sources[1])
+    info = metrics.write_mask(tmp_path, "20261205_000000", shape, bad)
+
+    mask = np.zeros(35, np.uint8)
+    mask[[0, 3, 34]] |= metrics.HOT_BIT
+    mask[[3, 10]] |= metrics.LOW_BIT
+    header = fits.Header()
+    header["IMAGETYP"] = ("BAD PIXEL MASK", "type of image")
+    header["MASKHOT"] = (metrics.HOT_BIT, "bit of hot pixels (master darks)")
+    header["MASKLOW"] = (metrics.LOW_BIT, "bit of dead or low pixels (master flats)")
+    header["NHOT"] = (3, "hot pixels")
+    header["NLOW"] = (2, "dead or low pixels")
+    header["CREATOR"] = f"stacker {__version__}"
+    header[metrics.MASK_CARD] = (metrics._mask_digest(mask, sources), "digest, for reruns")
+    for source in sources:
+        header.add_history(f"from master {source}")
+    reference = tmp_path / "reference.fits"
+    fits.PrimaryHDU(mask.reshape(shape), header=header).writeto(reference)
+    path = Path(info["path"])
+    assert path.name == "bad_pixel_mask_20261205_000000.fits"
+    assert path.read_bytes() == reference.read_bytes()
+    assert (info["hot_pixels"], info["low_pixels"]) == (3, 2)
+
+    again = metrics.write_mask(tmp_path, "20261206_000000", shape, bad)
+    assert again["path"] == str(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, "reference.fits"]
