@@ -75,6 +75,24 @@ def _median(values, m, work):  # pragma: no cover - compiled
     return 0.5 * (np.float64(a) + np.float64(b))
 
 
+@njit(nogil=True, cache=True)
+def median_in_place(work):  # pragma: no cover - compiled
+    """``np.median`` of the finite float32 values `work` (1-D, at least one; reordered):
+    the value of rank (m-1)//2, or for even m its float32 sum with the next one, halved,
+    which is how numpy averages the two (its float32 mean of two values). One quickselect
+    and a scan, 2-3x faster than numpy's two-rank partition."""
+    m = work.size
+    k = (m - 1) // 2
+    a = _select(work, 0, m, k)
+    if m % 2 == 1:
+        return a
+    b = work[k + 1]
+    for i in range(k + 2, m):  # the smallest value above rank k is the next order statistic
+        if work[i] < b:
+            b = work[i]
+    return (a + b) * np.float32(0.5)
+
+
 #: Whole-number values a bracketed median may count instead of selecting (`_integer_median`).
 HIST_BINS = 64
 
@@ -409,6 +427,24 @@ def uint16_from_fits(raw, out):  # pragma: no cover - compiled
     for i in range(flat_in.size):
         v = flat_in[i]
         flat_out[i] = ((v >> 8) | (v << 8)) & 0xFFFF ^ 0x8000
+
+
+@njit(nogil=True, cache=True)
+def uint16_calibrated(raw, master, subtract, scale, out):  # pragma: no cover - compiled
+    """FITS uint16 bytes (as `uint16_from_fits`) -> float32 ``(v - master) * scale``.
+
+    The same float32 operations, in the same order, as converting, then ``out -= master``
+    (when `subtract`) and ``out *= scale`` with numpy, in one pass while the rows are in
+    cache. `scale` is a float32 (1 when there is none: multiplying by 1 changes nothing).
+    """
+    h, w = out.shape
+    for y in range(h):
+        for x in range(w):
+            v = raw[y, x]
+            f = np.float32(((v >> 8) | (v << 8)) & 0xFFFF ^ 0x8000)
+            if subtract:
+                f = f - master[y, x]
+            out[y, x] = f * scale
 
 
 @njit(nogil=True, cache=True)

@@ -81,12 +81,8 @@ class Prepare:
         master = self.calibration.read(y0, y1)[0] if self.calibration is not None else None
         scales = np.asarray(self.scales, dtype=np.float32) if self.scales is not None else None
         for i, frame in enumerate(reader.frames):
-            rows = out[i]
-            read_rows_into(frame, y0, y1, rows)
-            if master is not None:
-                rows -= master
-            if scales is not None:
-                rows *= scales[i]
+            read_rows_into(frame, y0, y1, out[i], master,
+                           None if scales is None else scales[i])
         return out
 
 
@@ -373,7 +369,20 @@ def master_statistics(writer: MasterWriter, rows: int, workers: int = 1) -> Mast
     return summary.result(writer, rows, workers)
 
 
-def normalize_in_place(writer: MasterWriter, factor: float, rows: int) -> None:
-    """Divide the written image by `factor`, strip by strip (the flat's normalization)."""
-    for y0, y1 in plan_strips(writer.shape[0], rows):
+def normalize_in_place(writer: MasterWriter, factor: float, rows: int, workers: int = 1
+                       ) -> None:
+    """Divide the written image by `factor`, strip by strip on `workers` threads (the flat's
+    normalization; the reads, divisions and writes release the GIL)."""
+    def one(strip: tuple[int, int]) -> None:
+        y0, y1 = strip
         writer.rewrite_image(y0, writer.read_image(y0, y1) / np.float32(factor))
+
+    # Strips of about READBACK_BYTES: cache-sized, and a few MB per thread whatever the budget.
+    strips = plan_strips(writer.shape[0],
+                         max(1, min(rows, READBACK_BYTES // (4 * writer.shape[1]))))
+    if workers <= 1 or len(strips) < 2:
+        for strip in strips:
+            one(strip)
+        return
+    with ThreadPoolExecutor(min(workers, len(strips)), thread_name_prefix="stacker-norm") as pool:
+        list(pool.map(one, strips))

@@ -328,7 +328,7 @@ def build_master(job: Job, settings: Settings, path: Path, calibration: Path | N
         cards = _stat_cards(stats, n)
         if job.kind == "flat":
             factor = _norm_factor(stats, settings.normalization_method, job)
-            normalize_in_place(writer, factor, back)
+            normalize_in_place(writer, factor, back, w)
             stats = stats.scaled(factor)
             cards = {**_stat_cards(stats, n), "NORMFACT": factor}
         writer.set_cards(cards)

@@ -184,8 +184,14 @@ def _runs(rows: Sequence[int]) -> Iterator[tuple[int, int]]:
     yield start, prev + 1
 
 
-def read_rows_into(frame: Frame, y0: int, y1: int, out: np.ndarray) -> None:
+def read_rows_into(frame: Frame, y0: int, y1: int, out: np.ndarray,
+                   subtract: np.ndarray | None = None, scale: float | None = None) -> None:
     """Read rows ``[y0, y1)`` of `frame` into the float32 array `out` ``(y1 - y0, nx)``.
+
+    With `subtract` (float32 rows of a master, the shape of `out`) and/or `scale`, `out`
+    gets ``(value - subtract) * scale``, with the float32 rounding of those two numpy
+    operations, applied to each piece as it is read (camera data: in the conversion's own
+    pass), instead of two more passes over the rows.
 
     Raises
     ------
@@ -193,7 +199,8 @@ def read_rows_into(frame: Frame, y0: int, y1: int, out: np.ndarray) -> None:
         Naming the frame, when its bytes cannot be read or decoded.
     """
     try:
-        _read_rows_into(frame, y0, y1, out)
+        _read_rows_into(frame, y0, y1, out, subtract,
+                        None if scale is None else np.float32(scale))
     except FrameReadError:
         raise
     except OSError as exc:
@@ -207,9 +214,11 @@ def read_rows_into(frame: Frame, y0: int, y1: int, out: np.ndarray) -> None:
         raise FrameReadError(frame.path, f"cannot be decompressed ({first})") from exc
 
 
-def _read_rows_into(frame: Frame, y0: int, y1: int, out: np.ndarray) -> None:
+def _read_rows_into(frame: Frame, y0: int, y1: int, out: np.ndarray,
+                    subtract: np.ndarray | None, scale: np.float32 | None) -> None:
     if frame.compressed:
         out[...] = _read_compressed(frame, y0, y1)
+        _calibrate(out, subtract, scale)
         return
     nx = frame.shape[1]
     itemsize = abs(frame.bitpix) // 8
@@ -228,7 +237,17 @@ def _read_rows_into(frame: Frame, y0: int, y1: int, out: np.ndarray) -> None:
                 raise FrameReadError(frame.path, "file is shorter than its header says "
                                                  "(truncated since it was scanned?)")
             raw = buf.view(frame.stored_dtype).reshape(b - a, nx)
-            _to_physical(frame, raw, out[a - y0 : b - y0])
+            piece = out[a - y0 : b - y0]
+            part = None if subtract is None else subtract[a - y0 : b - y0]
+            if (subtract is None and scale is None) or not _fused(frame, piece, part):
+                _to_physical(frame, raw, piece)
+                _calibrate(piece, part, scale)
+            else:
+                from stacker._fast import uint16_calibrated
+
+                uint16_calibrated(raw.view(np.uint16), piece if part is None else part,
+                                  part is not None,
+                                  np.float32(1) if scale is None else scale, piece)
     finally:
         os.close(fd)
 
@@ -251,6 +270,22 @@ def _staging(nbytes: int) -> np.ndarray:
 
 def _is_uint16(frame: Frame) -> bool:
     return frame.bitpix == 16 and frame.bscale == 1.0 and frame.bzero == 32768.0
+
+
+def _fused(frame: Frame, out: np.ndarray, subtract: np.ndarray | None) -> bool:
+    """True when `uint16_calibrated` gives these rows: camera data into float32 rows, with
+    a float32 master of the same shape, if any."""
+    return (_is_uint16(frame) and frame.blank is None and out.dtype == np.float32
+            and (subtract is None or (subtract.dtype == np.float32
+                                      and subtract.shape == out.shape)))
+
+
+def _calibrate(out: np.ndarray, subtract: np.ndarray | None,
+               scale: np.float32 | None) -> None:
+    if subtract is not None:
+        out -= subtract
+    if scale is not None:
+        out *= scale
 
 
 def _to_physical(frame: Frame, raw: np.ndarray, out: np.ndarray) -> None:

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from helpers import write_like
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from stacker import MasterFrameCreator
-from stacker.qc import clipped_stats
+from stacker.qc import _median, clipped_stats
 from stacker.simulate import CameraModel, SimulationSpec, simulate
 
 SHAPE = (48, 64)
@@ -160,3 +163,19 @@ def test_without_quality_control_flats_are_measured_for_their_level_only(faulty,
         assert not np.isnan(on[name]["noise"]) and np.isnan(stats["noise"])
         assert stats["verdict"] == "ok"
     assert truth.params["defects"][1] in off
+
+
+@settings(max_examples=300, deadline=None)
+@given(arrays(np.float32, st.integers(1, 400),
+              elements=st.one_of(st.floats(width=32, allow_nan=False, allow_infinity=False),
+                                 st.sampled_from([0.0, 1.0, 1.0000001, 25000.5, -3.0]))))
+@example(np.array([1.0, 16777217.0, 16777218.0, 3.0], np.float32))  # a + b rounds in float32
+@example(np.array([3e38, 3e38], np.float32))  # their float32 sum overflows, as numpy's does
+@example(np.array([1e-45, 1e-45, 0.0, 1e-45], np.float32))  # subnormals
+def test_frame_median_is_numpys(values):
+    """The compiled median of a frame's sample gives np.median's value exactly (for an even
+    count, numpy's float32 mean of the two middle values)."""
+    with np.errstate(over="ignore"):
+        expected = float(np.median(values))
+    assert _median(values) == expected or (np.isnan(expected) and np.isnan(_median(values)))
+    assert _median(values.astype(np.float64)) == float(np.median(values.astype(np.float64)))
