@@ -60,18 +60,28 @@ def _select(a, lo, hi, k):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
-def _median(values, m, work):  # pragma: no cover - compiled
-    """Median of values[:m] (mean of the two middle ones when m is even); uses `work`."""
-    for i in range(m):
-        work[i] = values[i]
+def _middle_pair(work, m):  # pragma: no cover - compiled
+    """The values of ranks (m-1)//2 and m//2 of work[:m] (the same one for odd m);
+    reorders work[:m]."""
     k = (m - 1) // 2
     a = _select(work, 0, m, k)
     if m % 2 == 1:
-        return np.float64(a)
+        return a, a
     b = work[k + 1]
     for i in range(k + 2, m):  # the smallest value above rank k is the next order statistic
         if work[i] < b:
             b = work[i]
+    return a, b
+
+
+@njit(nogil=True, cache=True)
+def _median(values, m, work):  # pragma: no cover - compiled
+    """Median of values[:m] (mean of the two middle ones when m is even); uses `work`."""
+    for i in range(m):
+        work[i] = values[i]
+    a, b = _middle_pair(work, m)
+    if m % 2 == 1:
+        return np.float64(a)
     return 0.5 * (np.float64(a) + np.float64(b))
 
 
@@ -82,14 +92,9 @@ def median_in_place(work):  # pragma: no cover - compiled
     which is how numpy averages the two (its float32 mean of two values). One quickselect
     and a scan, 2-3x faster than numpy's two-rank partition."""
     m = work.size
-    k = (m - 1) // 2
-    a = _select(work, 0, m, k)
+    a, b = _middle_pair(work, m)
     if m % 2 == 1:
         return a
-    b = work[k + 1]
-    for i in range(k + 2, m):  # the smallest value above rank k is the next order statistic
-        if work[i] < b:
-            b = work[i]
     return (a + b) * np.float32(0.5)
 
 

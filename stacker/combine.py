@@ -321,26 +321,21 @@ class StripSummary:
         cum = np.cumsum(self.hist)
         bins = [int(np.searchsorted(cum, k, side="right")) for k in ranks]
         within = [k - (int(cum[b - 1]) if b > 0 else 0) for k, b in zip(ranks, bins, strict=True)]
-        ny, nx = writer.shape
-        # Strips of about READBACK_BYTES (within the build's own strip height, its budget).
-        step = max(1, min(rows, READBACK_BYTES // (4 * nx)))
-        strips = plan_strips(ny, step)
+        nx = writer.shape[1]
+        strips = _readback_strips(writer, rows)
         workers = max(1, min(workers, len(strips)))
 
         def count(part: Sequence[tuple[int, int]]) -> np.ndarray:
             low = np.zeros((2, KEY_BINS), np.int64)
-            words = np.empty(min(step, ny) * nx, np.uint32)
+            words = np.empty(max(y1 - y0 for y0, y1 in part) * nx, np.uint32)
             for y0, y1 in part:
                 strip = writer.read_image_words(y0, y1, words[: (y1 - y0) * nx])
                 _fast.low_histogram(strip, bins[0], bins[1], low)
             return low
 
-        parts = [strips[i::workers] for i in range(workers)]
-        if workers == 1:
-            low = count(parts[0])
-        else:
-            with ThreadPoolExecutor(workers, thread_name_prefix="stacker-median") as pool:
-                low = sum(pool.map(count, parts))
+        # One histogram per thread (its own strips), added at the end: no lock per strip.
+        low = sum(_on_threads(count, [strips[i::workers] for i in range(workers)], workers,
+                              "stacker-median"))
         keys = []
         for i in range(2):
             t = int(np.searchsorted(np.cumsum(low[i]), within[i], side="right"))
@@ -349,8 +344,24 @@ class StripSummary:
         return float(values[0]), float(values[1])
 
 
-#: Bytes of the image read at a time by the median's pass over a written master.
+#: Bytes of the image read at a time by a pass over a written master (median, normalization).
 READBACK_BYTES = 2 * 1024 * 1024
+
+
+def _readback_strips(writer: MasterWriter, rows: int) -> list[tuple[int, int]]:
+    """Strips of about `READBACK_BYTES` of a written image, at most `rows` high (the budget):
+    cache-sized, and a few MB per thread whatever the budget."""
+    ny, nx = writer.shape
+    return plan_strips(ny, max(1, min(rows, READBACK_BYTES // (4 * nx))))
+
+
+def _on_threads(fn: Callable, items: Sequence, workers: int, name: str) -> list:
+    """``[fn(item) for item in items]``, on up to `workers` threads (the work releases the
+    GIL: file reads and writes, compiled loops, numpy)."""
+    if workers <= 1 or len(items) < 2:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(min(workers, len(items)), thread_name_prefix=name) as pool:
+        return list(pool.map(fn, items))
 
 #: Bins of the first-level histogram of a strip summary (the top 16 bits of a key).
 KEY_BINS = 1 << 16
@@ -372,17 +383,9 @@ def master_statistics(writer: MasterWriter, rows: int, workers: int = 1) -> Mast
 def normalize_in_place(writer: MasterWriter, factor: float, rows: int, workers: int = 1
                        ) -> None:
     """Divide the written image by `factor`, strip by strip on `workers` threads (the flat's
-    normalization; the reads, divisions and writes release the GIL)."""
+    normalization)."""
     def one(strip: tuple[int, int]) -> None:
         y0, y1 = strip
         writer.rewrite_image(y0, writer.read_image(y0, y1) / np.float32(factor))
 
-    # Strips of about READBACK_BYTES: cache-sized, and a few MB per thread whatever the budget.
-    strips = plan_strips(writer.shape[0],
-                         max(1, min(rows, READBACK_BYTES // (4 * writer.shape[1]))))
-    if workers <= 1 or len(strips) < 2:
-        for strip in strips:
-            one(strip)
-        return
-    with ThreadPoolExecutor(min(workers, len(strips)), thread_name_prefix="stacker-norm") as pool:
-        list(pool.map(one, strips))
+    _on_threads(one, _readback_strips(writer, rows), workers, "stacker-norm")

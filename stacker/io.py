@@ -237,17 +237,8 @@ def _read_rows_into(frame: Frame, y0: int, y1: int, out: np.ndarray,
                 raise FrameReadError(frame.path, "file is shorter than its header says "
                                                  "(truncated since it was scanned?)")
             raw = buf.view(frame.stored_dtype).reshape(b - a, nx)
-            piece = out[a - y0 : b - y0]
-            part = None if subtract is None else subtract[a - y0 : b - y0]
-            if (subtract is None and scale is None) or not _fused(frame, piece, part):
-                _to_physical(frame, raw, piece)
-                _calibrate(piece, part, scale)
-            else:
-                from stacker._fast import uint16_calibrated
-
-                uint16_calibrated(raw.view(np.uint16), piece if part is None else part,
-                                  part is not None,
-                                  np.float32(1) if scale is None else scale, piece)
+            _to_physical(frame, raw, out[a - y0 : b - y0],
+                         None if subtract is None else subtract[a - y0 : b - y0], scale)
     finally:
         os.close(fd)
 
@@ -272,14 +263,6 @@ def _is_uint16(frame: Frame) -> bool:
     return frame.bitpix == 16 and frame.bscale == 1.0 and frame.bzero == 32768.0
 
 
-def _fused(frame: Frame, out: np.ndarray, subtract: np.ndarray | None) -> bool:
-    """True when `uint16_calibrated` gives these rows: camera data into float32 rows, with
-    a float32 master of the same shape, if any."""
-    return (_is_uint16(frame) and frame.blank is None and out.dtype == np.float32
-            and (subtract is None or (subtract.dtype == np.float32
-                                      and subtract.shape == out.shape)))
-
-
 def _calibrate(out: np.ndarray, subtract: np.ndarray | None,
                scale: np.float32 | None) -> None:
     if subtract is not None:
@@ -288,7 +271,21 @@ def _calibrate(out: np.ndarray, subtract: np.ndarray | None,
         out *= scale
 
 
-def _to_physical(frame: Frame, raw: np.ndarray, out: np.ndarray) -> None:
+def _to_physical(frame: Frame, raw: np.ndarray, out: np.ndarray,
+                 subtract: np.ndarray | None = None, scale: np.float32 | None = None) -> None:
+    """Physical values of the stored `raw` rows into `out`, minus `subtract`, times `scale`
+    (`read_rows_into`)."""
+    calibrated = subtract is not None or scale is not None
+    if (calibrated and _is_uint16(frame) and frame.blank is None and out.dtype == np.float32
+            and (subtract is None or (subtract.dtype == np.float32
+                                      and subtract.shape == out.shape))):
+        # Camera data with a master and/or a scale: all of it in the conversion's one pass.
+        from stacker._fast import uint16_calibrated
+
+        uint16_calibrated(raw.view(np.uint16), out if subtract is None else subtract,
+                          subtract is not None, np.float32(1) if scale is None else scale,
+                          out)
+        return
     if _is_uint16(frame):
         # uint16 stored as int16 + 32768 (every CMOS camera): swapping the bytes and flipping
         # the sign bit gives the value exactly; one compiled pass that releases the GIL.
@@ -304,6 +301,8 @@ def _to_physical(frame: Frame, raw: np.ndarray, out: np.ndarray) -> None:
     if frame.bitpix < 0:
         # inf is as unusable as NaN: one masking convention for the kernels.
         out[~np.isfinite(out)] = np.nan
+    if calibrated:
+        _calibrate(out, subtract, scale)
 
 
 def _read_compressed(frame: Frame, y0: int, y1: int) -> np.ndarray:
