@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -9,6 +10,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from helpers import section
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from stacker import MasterFrameCreator
 from stacker.metrics import find_dust, neighbour_median
@@ -135,6 +139,48 @@ def test_bayer_flat_gives_channel_levels_and_no_false_low_pixels(tmp_path):
     assert ch["R"] / ch["G1"] == pytest.approx(0.55, rel=0.05)
     assert ch["B"] / ch["G2"] == pytest.approx(0.75, rel=0.05)
     assert m["low_pixels"] == 0
+
+
+def _stacked_neighbour_median(block: np.ndarray, step: int) -> np.ndarray:
+    """The slow reference: np.median over the 8 shifted copies of the edge-padded block."""
+    padded = np.pad(block, step, mode="edge")
+    h, w = block.shape
+    shifts = [padded[step + dy: step + dy + h, step + dx: step + dx + w]
+              for dy in (-step, 0, step) for dx in (-step, 0, step) if dy or dx]
+    return np.median(np.stack(shifts), axis=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([np.float32, np.float64, np.uint16, np.int32]), st.integers(1, 2),
+       st.data())
+@example(np.float32, 1, None)
+def test_neighbour_median_is_numpys_median_of_the_shifted_copies(dtype, step, data):
+    """The compiled network gives np.median's value bit for bit: duplicates, NaN, infinities
+    (whose sum is NaN, as numpy's mean of the two middle values), float32 sums that round
+    or overflow, integer frames (averaged in float64, as numpy does)."""
+    if data is None:  # ranks 3 and 4 sum beyond float32's range
+        block = np.array([[3e38, 3e38, 3e38], [3e38, 0, 3e38], [-1, -1, -1]], np.float32)
+    else:
+        kind = np.dtype(dtype).kind
+        elements = (st.one_of(st.floats(width=32 if dtype == np.float32 else 64),
+                              st.sampled_from([0.0, 1.0, 16777217.0, -3.5]))
+                    if kind == "f" else st.integers(0, 70000 if dtype == np.int32 else 65535))
+        shape = data.draw(st.tuples(st.integers(1, 9), st.integers(1, 9)))
+        block = data.draw(arrays(dtype, shape, elements=elements))
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = _stacked_neighbour_median(block, step)
+    got = neighbour_median(block, step)
+    assert got.dtype == expected.dtype
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_neighbour_median_network_orders_every_zero_one_pattern():
+    """Every arrangement of 0s and 1s among the 8 neighbours (the 0-1 principle for the
+    network's two middle outputs)."""
+    for bits in itertools.product((0.0, 1.0), repeat=8):
+        block = np.full((3, 3), 7.0, np.float32)
+        block[[0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 2, 0, 2, 0, 1, 2]] = bits
+        assert neighbour_median(block)[1, 1] == np.median(bits)
 
 
 def test_neighbour_median_and_dust_finder_on_synthetic_maps():

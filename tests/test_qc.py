@@ -179,3 +179,15 @@ def test_frame_median_is_numpys(values):
         expected = float(np.median(values))
     assert _median(values) == expected or (np.isnan(expected) and np.isnan(_median(values)))
     assert _median(values.astype(np.float64)) == float(np.median(values.astype(np.float64)))
+
+
+@pytest.mark.timeout(60, method="thread")
+def test_frame_median_of_repeated_values_finishes():
+    """Equal values once made the quickselect quadratic: the 262 144-pixel sample of a
+    constant frame took 25 s, and a million equal values would take minutes. Camera data
+    are integers, so runs of equal values are the rule, not an edge case."""
+    rng = np.random.default_rng(3)
+    for values in (np.full(1_000_000, 7.0, np.float32),
+                   np.repeat(np.float32([1.0, 2.0]), 500_000),
+                   np.round(rng.normal(100, 2, 1_000_000)).astype(np.float32)):
+        assert _median(values) == float(np.median(values))
