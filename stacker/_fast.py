@@ -1029,6 +1029,34 @@ def neighbour_median(padded, step, out):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
+def label8(mask, labels):  # pragma: no cover - compiled
+    """``labels[y, x]``: the number (from 1) of the 8-connected region of True cells that
+    holds (y, x), regions numbered in raster order of their first cell; untouched (0) off
+    the mask. Returns the number of regions. Breadth-first, with one queue for all."""
+    h, w = mask.shape
+    queue = np.empty(h * w, np.int64)
+    n = 0
+    for y0 in range(h):
+        for x0 in range(w):
+            if not mask[y0, x0] or labels[y0, x0] != 0:
+                continue
+            n += 1
+            labels[y0, x0] = n
+            queue[0] = y0 * w + x0
+            head, tail = 0, 1
+            while head < tail:
+                cy, cx = divmod(queue[head], w)
+                head += 1
+                for y in range(max(cy - 1, 0), min(cy + 2, h)):
+                    for x in range(max(cx - 1, 0), min(cx + 2, w)):
+                        if mask[y, x] and labels[y, x] == 0:
+                            labels[y, x] = n
+                            queue[tail] = y * w + x
+                            tail += 1
+    return n
+
+
+@njit(nogil=True, cache=True)
 def heat_rgb(fraction, top, out):  # pragma: no cover - compiled
     """``out[y, x]``: black -> red -> yellow -> white for ``fraction / top`` (0..1), in one pass.
 

@@ -31,9 +31,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -554,9 +554,16 @@ def smooth_fit(small: np.ndarray, degree: int = 4, iterations: int = 3) -> np.nd
         resid = target - design @ coef
         spread = clipped_stats(resid[keep])[1]
         keep = np.isfinite(target) & (resid > -3 * spread)
-    fy, fx = np.meshgrid(np.arange(h) / max(h - 1, 1) * 2 - 1,
-                         np.arange(w) / max(w - 1, 1) * 2 - 1, indexing="ij")
-    return sum(c * fx ** i * fy ** j for c, (i, j) in zip(coef, terms, strict=True))
+    # The polynomial is separable: sum c_ij x^i y^j = Y @ C @ X.T with Y, X the powers of the
+    # row and column coordinates, instead of one full-size map per term (15 terms on a
+    # 1024x1024 map: 0.4 s -> a few ms).
+    grid = np.zeros((degree + 1, degree + 1))
+    for c, (i, j) in zip(coef, terms, strict=True):
+        grid[j, i] = c
+    powers = np.arange(degree + 1)
+    fy = (np.arange(h) / max(h - 1, 1) * 2 - 1)[:, None] ** powers
+    fx = (np.arange(w) / max(w - 1, 1) * 2 - 1)[:, None] ** powers
+    return fy @ grid @ fx.T
 
 
 def find_dust(small: np.ndarray, factor: int, depth: float) -> dict[str, Any]:
@@ -569,8 +576,7 @@ def find_dust(small: np.ndarray, factor: int, depth: float) -> dict[str, Any]:
     smooth = _box3(ratio)
     flagged = smooth < 1 - depth
     shadows = []
-    for cells in _components(flagged):
-        ys, xs = np.array([c[0] for c in cells]), np.array([c[1] for c in cells])
+    for ys, xs in _components(flagged):
         if ys.size < 5:
             continue
         size = max(np.ptp(ys), np.ptp(xs)) + 1
@@ -589,27 +595,21 @@ def _box3(a: np.ndarray) -> np.ndarray:
                for dy in (-1, 0, 1) for dx in (-1, 0, 1)) / 9.0
 
 
-def _components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
-    """8-connected regions of a boolean map (breadth-first; flagged cells are few)."""
-    seen = np.zeros_like(mask, dtype=bool)
-    h, w = mask.shape
-    out = []
-    for y, x in zip(*np.nonzero(mask), strict=True):
-        if seen[y, x]:
-            continue
-        seen[y, x] = True
-        queue, cells = deque([(int(y), int(x))]), []
-        while queue:
-            cy, cx = queue.popleft()
-            cells.append((cy, cx))
-            for dy in (-1, 0, 1):
-                for dx in (-1, 0, 1):
-                    ny_, nx_ = cy + dy, cx + dx
-                    if 0 <= ny_ < h and 0 <= nx_ < w and mask[ny_, nx_] and not seen[ny_, nx_]:
-                        seen[ny_, nx_] = True
-                        queue.append((ny_, nx_))
-        out.append(cells)
-    return out
+def _components(mask: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Rows and columns of the cells of each 8-connected region of a boolean map, regions
+    in raster order of their first cell, cells in raster order.
+
+    Labelled by a compiled breadth-first search: a badly fitted flat can flag a large part
+    of the map, and the search in Python took ~0.3 s for 70 000 flagged cells.
+    """
+    from stacker._fast import label8
+
+    labels = np.zeros(mask.shape, np.int64)
+    count = label8(np.ascontiguousarray(mask, dtype=np.bool_), labels)
+    ys, xs = np.nonzero(labels)
+    order = np.argsort(labels[ys, xs], kind="stable")
+    bounds = np.r_[0, np.cumsum(np.bincount(labels[ys, xs], minlength=count + 1)[1:])]
+    return [(ys[order[a:b]], xs[order[a:b]]) for a, b in pairwise(bounds.tolist())]
 
 
 # --------------------------------------------------------------------------------------------

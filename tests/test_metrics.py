@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from stacker import MasterFrameCreator
-from stacker.metrics import find_dust, neighbour_median
+from stacker.metrics import _components, find_dust, neighbour_median
 from stacker.report import _clean
 from stacker.simulate import CameraModel, SimulationSpec, simulate
 
@@ -181,6 +181,38 @@ def test_neighbour_median_network_orders_every_zero_one_pattern():
         block = np.full((3, 3), 7.0, np.float32)
         block[[0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 2, 0, 2, 0, 1, 2]] = bits
         assert neighbour_median(block)[1, 1] == np.median(bits)
+
+
+def _flood_fill_regions(mask: np.ndarray) -> list[list[tuple[int, int]]]:
+    """The slow reference: 8-connected regions by a breadth-first search in Python, in
+    raster order of their first cell."""
+    seen = np.zeros(mask.shape, bool)
+    h, w = mask.shape
+    out = []
+    for y, x in zip(*np.nonzero(mask), strict=True):
+        if seen[y, x]:
+            continue
+        seen[y, x] = True
+        queue, cells = [(int(y), int(x))], []
+        while queue:
+            cy, cx = queue.pop()
+            cells.append((cy, cx))
+            for ny_ in range(max(cy - 1, 0), min(cy + 2, h)):
+                for nx_ in range(max(cx - 1, 0), min(cx + 2, w)):
+                    if mask[ny_, nx_] and not seen[ny_, nx_]:
+                        seen[ny_, nx_] = True
+                        queue.append((ny_, nx_))
+        out.append(sorted(cells))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.bool_, st.tuples(st.integers(1, 12), st.integers(1, 12))))
+@example(np.ones((12, 12), bool))
+@example(np.eye(6, dtype=bool)[::-1])  # diagonal contact only
+def test_dust_regions_are_the_8_connected_components(mask):
+    got = [sorted(zip(ys.tolist(), xs.tolist(), strict=True)) for ys, xs in _components(mask)]
+    assert got == _flood_fill_regions(mask)
 
 
 def test_neighbour_median_and_dust_finder_on_synthetic_maps():
