@@ -167,6 +167,13 @@ def main(argv=None) -> None:
                 results.append({**row, "case": f"stacker {limit}", "method": method,
                                 **run_case("stacker", files, work / f"s{n}{method}{limit}",
                                            rep, method=method, memory_limit=limit)})
+            if method == methods[0]:
+                # A user's run has quality control on (the default): what it adds is measured
+                # too, for the first method, at the largest limit.
+                results.append({**row, "case": f"stacker {limits[-1]} +QC", "method": method,
+                                **run_case("stacker", files, work / f"q{n}{method}", rep,
+                                           method=method, memory_limit=limits[-1],
+                                           quality_control=True)})
             if args.cluster:
                 results.append({**row, "case": "cluster 2 workers", "method": method,
                                 **run_case("cluster", files, work / f"k{n}{method}",
@@ -191,6 +198,10 @@ def main(argv=None) -> None:
         results.append({**row, "case": "stacker flats", "method": "sigma_clip",
                         **run_case("flats", files, out, rep, method="sigma_clip",
                                    memory_limit=limits[-1], darks=str(darks))})
+        results.append({**row, "case": "stacker flats +QC", "method": "sigma_clip",
+                        **run_case("flats", files, out, rep, method="sigma_clip",
+                                   memory_limit=limits[-1], darks=str(darks),
+                                   quality_control=True)})
     if args.json:  # first: the measurements outlive a failure of the report
         args.json.write_text(json.dumps(results, indent=1))
     print(report(results, limits, rep))
@@ -246,6 +257,12 @@ def report(results: list[dict], limits: list[str], repeat: int = 1) -> str:
                              f"({(r['seconds'] + start) / ours['seconds']:.2f}x with the "
                              f"cluster's {start:.1f} s start-up); "
                              f"{compare(r['output'], ours['output'])}")
+        if r["case"].endswith(" +QC") and "seconds" in r:
+            plain = _find(results, r["n"], r["case"].removesuffix(" +QC"), r["method"])
+            if plain:
+                lines.append(f"- quality control on / off ({r['case'].removesuffix(' +QC')}, "
+                             f"{r['method']}, N={r['n']}): {r['seconds'] / plain['seconds']:.2f}x "
+                             f"time, {r['peak_bytes'] / plain['peak_bytes']:.2f}x peak memory")
         if r["case"] == "stacker flats" and "seconds" in r:
             dark = _find(results, r["n"], f"stacker {limits[-1]}", "sigma_clip")
             if dark:

@@ -56,13 +56,16 @@ def _plain_header(path: str) -> tuple[dict[str, str], int]:
 
 
 def stacker(files: list[str], out: str, method: str, memory_limit: str,
-            max_iterations: int | None = None, **_) -> dict:
-    """stacker's master dark of `files` (all one exposure) through the public API."""
+            max_iterations: int | None = None, quality_control: bool = False, **_) -> dict:
+    """stacker's master dark of `files` (all one exposure) through the public API; with
+    `quality_control` (the default of a user's run), frames are validated and the master
+    measured (hot pixels, dark current, amp glow) and a bad-pixel mask written."""
     from stacker import MasterFrameCreator
 
     folder = Path(files[0]).parent
     settings = {"darks_dir": str(folder), "output_dir": out, "rejection_method": method,
-                "memory_limit": memory_limit, "quality_control": False, "min_frames": 1,
+                "memory_limit": memory_limit, "quality_control": quality_control,
+                "min_frames": 1,
                 "max_iterations": max_iterations, "log_level": "WARNING",
                 "force": True}
     status = MasterFrameCreator({"master_frames": settings}).create_master_darks()
@@ -103,14 +106,16 @@ def cluster(files: list[str], out: str, method: str, memory_limit: str, workers:
     return {"output": status.data[0], "startup_seconds": startup, "build_seconds": seconds}
 
 
-def flats(files: list[str], out: str, method: str, memory_limit: str, darks: str, **_) -> dict:
+def flats(files: list[str], out: str, method: str, memory_limit: str, darks: str,
+          quality_control: bool = False, **_) -> dict:
     """stacker's master flat of `files`: dark subtraction, per-frame scaling, rejection,
-    normalization. The master dark is built first, untimed, into the same output folder."""
+    normalization (and with `quality_control`, frame validation and the flat's metrics).
+    The master dark is built first, untimed, into the same output folder."""
     from stacker import MasterFrameCreator
 
     settings = {"darks_dir": darks, "flats_dir": str(Path(files[0]).parent),
                 "output_dir": out, "rejection_method": method, "memory_limit": memory_limit,
-                "quality_control": False, "min_frames": 1, "log_level": "WARNING",
+                "quality_control": quality_control, "min_frames": 1, "log_level": "WARNING",
                 "force": True}
     creator = MasterFrameCreator({"master_frames": settings})
     if not list(Path(out).glob("master_dark_*.fits")):
