@@ -48,11 +48,13 @@ def _select(a, lo, hi, k):  # pragma: no cover - compiled
     """
     while hi - lo > 1:
         mid = (lo + hi - 1) // 2
-        # The pivot, moved to the end: the median of three values, or for a long range the
-        # median of three such medians (Tukey's ninther). Three values are a poor guess of
-        # the middle of structured data, such as a flat's sampled rows (a smooth curve
-        # each): the quickselect took twice as long on them as on the same values shuffled.
-        if hi - lo > 512:
+        # The pivot, moved to the end: the median of three values, or beyond 32 the median
+        # of three such medians (Tukey's ninther). Three values are a poor guess of the
+        # middle of structured data: a flat's sampled rows (a smooth curve each) took twice
+        # as long as the same values shuffled, and the deviations of a pixel from its
+        # median in frames that drift steadily form a V, the worst case of a median of
+        # three (mad_std clipping of 300 such frames: 40 us a pixel instead of 4).
+        if hi - lo > 32:
             step = (hi - lo) // 8
             p = _median3(a, _median3(a, lo, lo + step, lo + 2 * step),
                          _median3(a, mid - step, mid, mid + step),
@@ -1000,9 +1002,9 @@ def neighbour_median(padded, step, out):  # pragma: no cover - compiled
 
     The 8 values go through a min/max network in registers (Knuth's 19-comparator network
     of 8 without the two comparators that leave ranks 3 and 4 alone), pixel after pixel of
-    a row, so the loop vectorizes: np.median over a stack of 8 shifted copies partitions along a
-    strided axis and took ~0.25 us a pixel (two passes over a 4096x4096 master dark were
-    ~7 s of quality control).
+    a row, so the loop vectorizes (~2 ns a pixel): np.median over a stack of 8 shifted
+    copies partitions along a strided axis, ~0.25 us a pixel (two passes over a 4096x4096
+    master dark were ~7 s of quality control).
     """
     h, w = out.shape
     for y in range(h):
