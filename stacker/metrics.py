@@ -245,9 +245,17 @@ def neighbour_median(block: np.ndarray, step: int = 1) -> np.ndarray:
     return median8(padded, step, np.empty(block.shape, block.dtype))
 
 
+#: Most bytes of one float32 strip of the neighbour-residual passes. The budget's strips were
+#: tens of MB (2546 rows of 4096 px): no faster, over 100 MB more at the peak with the
+#: padded copy, the median and the residual, and each fresh 40 MB array could stall for
+#: ~0.3 s while the kernel compacted memory for huge pages.
+RESIDUAL_STRIP_BYTES = 2 * 1024 * 1024
+
+
 def _residual_pass(image: Frame, rows: int, step: int, subtract: Frame | None = None):
     """Yield ``(y0, y1, values, residual)``: the image (minus `subtract`) and its excess
     over the median of its neighbours, for the strip's own rows."""
+    rows = min(rows, max(4 * step, RESIDUAL_STRIP_BYTES // (4 * image.shape[1])))
     sub = iter_strips(subtract, rows, margin=step) if subtract is not None else None
     for y0, y1, block in iter_strips(image, rows, margin=step):
         if sub is not None:
@@ -262,9 +270,11 @@ def _residual_spread(image: Frame, rows: int, step: int, subtract: Frame | None)
     ny, nx = image.shape
     every = max(1, (ny * nx) // 1_000_000)
     sample = []
-    for _, _, _, res in _residual_pass(image, rows, step, subtract):
-        flat = res.ravel()
-        sample.append(flat[::every][np.isfinite(flat[::every])])
+    for y0, _, _, res in _residual_pass(image, rows, step, subtract):
+        # every pixel whose index in the whole image is a multiple of `every`: the same
+        # sample whatever the strips' height (the memory budget)
+        picked = res.ravel()[(-y0 * nx) % every::every]
+        sample.append(picked[np.isfinite(picked)])
     return clipped_stats(np.concatenate(sample))[1]
 
 

@@ -15,7 +15,14 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from stacker import MasterFrameCreator
-from stacker.metrics import _components, find_dust, neighbour_median
+from stacker.frames import read_frame
+from stacker.metrics import (
+    _components,
+    _residual_pass,
+    _residual_spread,
+    find_dust,
+    neighbour_median,
+)
 from stacker.report import _clean
 from stacker.simulate import CameraModel, SimulationSpec, simulate
 
@@ -172,6 +179,27 @@ def test_neighbour_median_is_numpys_median_of_the_shifted_copies(dtype, step, da
     got = neighbour_median(block, step)
     assert got.dtype == expected.dtype
     np.testing.assert_array_equal(got, expected)
+
+
+def test_hot_pixel_search_does_not_depend_on_the_strip_height(tmp_path):
+    """The residual's spread is sampled by position in the whole image and the residuals are
+    the same whatever the strips (the memory budget) are, margins included."""
+    rng = np.random.default_rng(5)
+    # over 2M pixels, so that every other one is sampled; an odd width, so that which ones
+    # depends on where a strip starts unless the sample follows the whole image
+    image = rng.normal(100, 3, (1301, 1601)).astype(np.float32)
+    image[rng.integers(0, 1301, 4000), rng.integers(0, 1601, 4000)] += 200
+    path = tmp_path / "master_dark_60s.fits"
+    fits.PrimaryHDU(image).writeto(path)
+    frame = read_frame(path, "dark")
+    spreads = {rows: _residual_spread(frame, rows, 1, None) for rows in (3, 7, 64, 5000)}
+    assert len(set(spreads.values())) == 1, spreads
+    for step in (1, 2):
+        whole = np.concatenate([res for *_, res in _residual_pass(frame, 5000, step)])
+        np.testing.assert_array_equal(whole, image - neighbour_median(image, step))
+        for rows in (1, 5, 16):
+            strips = np.concatenate([res for *_, res in _residual_pass(frame, rows, step)])
+            np.testing.assert_array_equal(strips, whole)
 
 
 def test_neighbour_median_network_orders_every_zero_one_pattern():
