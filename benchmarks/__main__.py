@@ -258,9 +258,10 @@ def report(results: list[dict], limits: list[str], repeat: int = 1) -> str:
                              f"cluster's {start:.1f} s start-up); "
                              f"{compare(r['output'], ours['output'])}")
         if r["case"].endswith(" +QC") and "seconds" in r:
-            plain = _find(results, r["n"], r["case"].removesuffix(" +QC"), r["method"])
+            base = r["case"].removesuffix(" +QC")
+            plain = _find(results, r["n"], base, r["method"])
             if plain:
-                lines.append(f"- quality control on / off ({r['case'].removesuffix(' +QC')}, "
+                lines.append(f"- quality control on / off ({base}, "
                              f"{r['method']}, N={r['n']}): {r['seconds'] / plain['seconds']:.2f}x "
                              f"time, {r['peak_bytes'] / plain['peak_bytes']:.2f}x peak memory")
         if r["case"] == "stacker flats" and "seconds" in r:

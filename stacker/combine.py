@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stacker.io import MasterWriter, StripReader, plan_strips
+from stacker.io import MasterWriter, StripReader, pass_rows, plan_strips
 from stacker.kernels import RunningSums
 
 #: Pixels sampled per frame to measure a flat's level (evenly spaced full rows).
@@ -352,7 +352,7 @@ def _readback_strips(writer: MasterWriter, rows: int) -> list[tuple[int, int]]:
     """Strips of about `READBACK_BYTES` of a written image, at most `rows` high (the budget):
     cache-sized, and a few MB per thread whatever the budget."""
     ny, nx = writer.shape
-    return plan_strips(ny, max(1, min(rows, READBACK_BYTES // (4 * nx))))
+    return plan_strips(ny, pass_rows(nx, rows, READBACK_BYTES))
 
 
 def _on_threads(fn: Callable, items: Sequence, workers: int, name: str) -> list:

@@ -17,7 +17,7 @@ import numpy as np
 
 from stacker.fitsheader import FastHeader, read_hdus
 from stacker.frames import Frame
-from stacker.io import StripReader, plan_strips
+from stacker.io import StripReader, pass_rows, plan_strips
 
 #: Keywords `image_frame` and `locate` read besides the structural ones.
 _KEYWORDS = ("EXTNAME", "BSCALE", "BZERO", "ZIMAGE")
@@ -236,7 +236,7 @@ def profile_means(frame: Frame, factor: int, rows: int, sample: Sequence[int] = 
     wanted = np.unique(np.asarray(sample, dtype=np.int64))
     wanted = wanted[(wanted >= top) & (wanted < bottom)]
     sampled = np.empty((wanted.size, nx), np.float32)
-    step = max(1, min(rows, SUMS_STRIP_BYTES // (4 * nx)))
+    step = pass_rows(nx, rows, SUMS_STRIP_BYTES)
     # One buffer for every strip: a fresh array per strip would be paged in again each time.
     buf = np.empty((1, min(step, bottom - top), nx), np.float32)
     reader = StripReader((frame,))

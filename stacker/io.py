@@ -62,6 +62,13 @@ def plan_strips(ny: int, rows: int) -> list[tuple[int, int]]:
     return [(y0, min(y0 + rows, ny)) for y0 in range(0, ny, rows)]
 
 
+def pass_rows(nx: int, rows: int, nbytes: int, least: int = 1) -> int:
+    """Rows per strip of a pass over one float32 image `nx` wide: about `nbytes` (a
+    cache-sized strip, a few MB per thread whatever the budget), at least `least`, and never
+    more than the budget's `rows`."""
+    return max(1, min(rows, max(least, nbytes // (4 * nx))))
+
+
 def rows_per_chunk(
     memory_limit: int,
     n_frames: int,

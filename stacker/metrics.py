@@ -42,7 +42,7 @@ import numpy as np
 from stacker.combine import sample_rows
 from stacker.frames import Frame
 from stacker.images import block_mean, image_frame, iter_strips, locate, profile_means, read_rows
-from stacker.io import StripReader, stats_rows
+from stacker.io import StripReader, pass_rows, stats_rows
 from stacker.qc import clipped_stats
 
 if TYPE_CHECKING:
@@ -255,7 +255,7 @@ RESIDUAL_STRIP_BYTES = 2 * 1024 * 1024
 def _residual_pass(image: Frame, rows: int, step: int, subtract: Frame | None = None):
     """Yield ``(y0, y1, values, residual)``: the image (minus `subtract`) and its excess
     over the median of its neighbours, for the strip's own rows."""
-    rows = min(rows, max(4 * step, RESIDUAL_STRIP_BYTES // (4 * image.shape[1])))
+    rows = pass_rows(image.shape[1], rows, RESIDUAL_STRIP_BYTES, least=4 * step)
     sub = iter_strips(subtract, rows, margin=step) if subtract is not None else None
     for y0, y1, block in iter_strips(image, rows, margin=step):
         if sub is not None:
@@ -617,8 +617,9 @@ def _components(mask: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     labels = np.zeros(mask.shape, np.int64)
     count = label8(np.ascontiguousarray(mask, dtype=np.bool_), labels)
     ys, xs = np.nonzero(labels)
-    order = np.argsort(labels[ys, xs], kind="stable")
-    bounds = np.r_[0, np.cumsum(np.bincount(labels[ys, xs], minlength=count + 1)[1:])]
+    region = labels[ys, xs]
+    order = np.argsort(region, kind="stable")
+    bounds = np.r_[0, np.cumsum(np.bincount(region, minlength=count + 1)[1:])]
     return [(ys[order[a:b]], xs[order[a:b]]) for a, b in pairwise(bounds.tolist())]
 
 
