@@ -4,16 +4,20 @@
     python -m benchmarks --frames 50 --size 1024x1024 --methods sigma_clip
     python -m benchmarks --full-frame         # 200 x 9576x6388 (24 GB of input), by hand
     python -m benchmarks --cluster            # also each case on a 2-worker LocalCluster
+    python -m benchmarks --full-frame --cold  # frames read from disk, not the page cache
 
 Data sets are simulated once with `stacker simulate` and cached under benchmarks/data/.
 Each case runs in its own process; its wall time and peak resident memory (ru_maxrss of
 that process) are reported. Cases on the same files run back to back, so the page cache
-is equally warm for all of them (the floor case runs first and warms it).
+is equally warm for all of them (the floor case runs first and warms it). With --cold,
+each case's input files are evicted from the page cache before it runs, and a disk case
+(O_DIRECT reads of every byte, computing nothing) runs first as the cold floor.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -47,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run every case (but ccdproc) this many times and report the run of "
                         "median time, with the spread (this machine varies +-20%% run to run)")
     p.add_argument("--json", type=Path, help="also write all measurements here")
+    p.add_argument("--cold", action="store_true",
+                   help="evict each case's input files from the page cache before it runs "
+                        "and measure the disk's own read speed first (Linux)")
     return p.parse_args(argv)
 
 
@@ -85,12 +92,19 @@ def ensure_flats(data: Path, width: int, height: int, n: int) -> tuple[list[Path
     return flats, folder / "darks"
 
 
-def run_case(case: str, files: list[Path], out: Path, repeat: int = 1, **kw) -> dict:
+def run_case(case: str, files: list[Path], out: Path, repeat: int = 1, cold: bool = False,
+             **kw) -> dict:
     """Run a case `repeat` times, each in a fresh process: the run of median wall time, with
-    the fastest and slowest times as ``spread``."""
+    the fastest and slowest times as ``spread``. With `cold`, every run starts with the
+    case's input files out of the page cache."""
     runs = []
     for _ in range(max(1, repeat)):
         _clear(case, out)  # every run, so that no run pays for the last one's masters
+        if cold:
+            inputs = list(files)
+            if "darks" in kw:  # a flat case also reads its darks and the master dark
+                inputs += [*Path(kw["darks"]).rglob("*.fits"), *out.glob("master_dark_*")]
+            evict(inputs)
         runs.append(_run_once(case, files, out, **kw))
     ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["seconds"])
     if not ok:
@@ -103,6 +117,23 @@ def run_case(case: str, files: list[Path], out: Path, repeat: int = 1, **kw) -> 
     if len(ok) > 1:
         best["spread"] = (ok[0]["seconds"], ok[-1]["seconds"])
     return best
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop `paths` from the OS page cache, so that the next case reads them from disk.
+
+    Frames that fit in memory stay cached between cases and a warm run measures memory
+    bandwidth, not what a user whose frames do not fit in RAM waits for. No root needed:
+    POSIX_FADV_DONTNEED on each file (open follows the data sets' symlinks). It leaves
+    dirty pages, so freshly simulated or written files are flushed to disk first.
+    """
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def _clear(case: str, out: Path) -> None:
@@ -142,6 +173,10 @@ def compare(a: str, b: str) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.cold and not hasattr(os, "posix_fadvise"):
+        raise SystemExit("--cold needs os.posix_fadvise (Linux) to evict frames from the "
+                         "page cache")
+    run = functools.partial(run_case, cold=args.cold)
     if args.full_frame:
         args.frames, args.size, args.ccdproc_frames = "200", "9576x6388", ""
     width, height = (int(v) for v in args.size.lower().split("x"))
@@ -159,49 +194,56 @@ def main(argv=None) -> None:
         row = {"n": n, "input_bytes": nbytes}
         # The floor writes nothing; its own folder, so that clearing it before each run
         # never removes another case's output (ccdproc's, compared at the end).
-        run_case("floor", files, work / "floor")  # warms the page cache; not reported
+        if args.cold:  # the cold floor; warming the cache would be undone by each eviction
+            results.append({**row, "case": "disk", "method": "-",
+                            **run("disk", files, work / "disk", rep)})
+        else:
+            run("floor", files, work / "floor")  # warms the page cache; not reported
         results.append({**row, "case": "floor", "method": "mean",
-                        **run_case("floor", files, work / "floor", rep)})
+                        **run("floor", files, work / "floor", rep)})
         for method in methods:
             for limit in limits:
                 results.append({**row, "case": f"stacker {limit}", "method": method,
-                                **run_case("stacker", files, work / f"s{n}{method}{limit}",
-                                           rep, method=method, memory_limit=limit)})
+                                **run("stacker", files, work / f"s{n}{method}{limit}",
+                                      rep, method=method, memory_limit=limit)})
             if method == methods[0]:
                 # A user's run has quality control on (the default): what it adds is measured
                 # too, for the first method, at the largest limit.
                 results.append({**row, "case": f"stacker {limits[-1]} +QC", "method": method,
-                                **run_case("stacker", files, work / f"q{n}{method}", rep,
-                                           method=method, memory_limit=limits[-1],
-                                           quality_control=True)})
+                                **run("stacker", files, work / f"q{n}{method}", rep,
+                                      method=method, memory_limit=limits[-1],
+                                      quality_control=True)})
             if args.cluster:
                 results.append({**row, "case": "cluster 2 workers", "method": method,
-                                **run_case("cluster", files, work / f"k{n}{method}",
-                                           method=method, memory_limit=limits[-1])})
+                                **run("cluster", files, work / f"k{n}{method}",
+                                      method=method, memory_limit=limits[-1])})
             if method == "sigma_clip" and shutil.which("siril-cli") and not args.no_siril:
                 results.append({**row, "case": "siril", "method": method,
-                                **run_case("siril", files, work / f"siril{n}", rep)})
+                                **run("siril", files, work / f"siril{n}", rep)})
             if n in ccd_frames and method in ("sigma_clip", "minmax"):
                 if method == "sigma_clip":  # ccdproc clips once: the same algorithm is 1 pass
                     results.append({**row, "case": "stacker 1-pass", "method": method,
-                                    **run_case("stacker", files, work / f"p{n}", rep,
-                                               method=method, memory_limit=limits[-1],
-                                               max_iterations=1)})
+                                    **run("stacker", files, work / f"p{n}", rep,
+                                          method=method, memory_limit=limits[-1],
+                                          max_iterations=1)})
                 results.append({**row, "case": "ccdproc", "method": method,
-                                **run_case("ccdproc", files, work / f"c{n}{method}",
-                                           method=method)})
+                                **run("ccdproc", files, work / f"c{n}{method}",
+                                      method=method)})
     for n in [int(v) for v in args.flat_frames.split(",") if v]:
         files, darks = ensure_flats(args.data, width, height, n)
         out = work / f"flats{n}"
-        run_case("build_dark", files, out, darks=str(darks))
         row = {"n": n, "input_bytes": sum(f.stat().st_size for f in files)}
+        if args.cold:
+            results.append({**row, "case": "disk flats", "method": "-",
+                            **run("disk", files, work / "disk", rep)})
+        run("build_dark", files, out, darks=str(darks))
         results.append({**row, "case": "stacker flats", "method": "sigma_clip",
-                        **run_case("flats", files, out, rep, method="sigma_clip",
-                                   memory_limit=limits[-1], darks=str(darks))})
+                        **run("flats", files, out, rep, method="sigma_clip",
+                              memory_limit=limits[-1], darks=str(darks))})
         results.append({**row, "case": "stacker flats +QC", "method": "sigma_clip",
-                        **run_case("flats", files, out, rep, method="sigma_clip",
-                                   memory_limit=limits[-1], darks=str(darks),
-                                   quality_control=True)})
+                        **run("flats", files, out, rep, method="sigma_clip",
+                              memory_limit=limits[-1], darks=str(darks),
+                              quality_control=True)})
     if args.json:  # first: the measurements outlive a failure of the report
         args.json.write_text(json.dumps(results, indent=1))
     print(report(results, limits, rep))
@@ -232,6 +274,12 @@ def report(results: list[dict], limits: list[str], repeat: int = 1) -> str:
                      f"{r['peak_bytes'] / 1e6:.0f} | {ratio:.2f} |")
     lines += ["", "Ratios measured in this run:"]
     ns = sorted({r["n"] for r in results})
+    for r in results:  # only with --cold: what the disk delivers, against what stacker takes
+        if r["case"].startswith("stacker") and "seconds" in r:
+            disk = _find(results, r["n"], "disk flats" if "flats" in r["case"] else "disk", "-")
+            if disk:
+                lines.append(f"- {r['case']} / disk (cold, {r['method']}, N={r['n']}): "
+                             f"{r['seconds'] / disk['seconds']:.2f}x time")
     for r in results:
         if r["case"] == "ccdproc" and "seconds" in r:
             same = "stacker 1-pass" if r["method"] == "sigma_clip" else f"stacker {limits[-1]}"

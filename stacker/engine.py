@@ -33,11 +33,14 @@ from stacker.errors import BuildError, StackerError
 from stacker.fitsheader import HeaderCards
 from stacker.frames import Frame, read_frame
 from stacker.io import (
+    DIRECT_STRIP_CAP,
     READ_BYTES_PER_VALUE,
+    STRIP_CAP,
     MasterWriter,
     StripReader,
     TableColumn,
     bintable_bytes,
+    exceeds_page_cache,
     fits_ascii,
     image_header_bytes,
     stats_rows,
@@ -194,15 +197,23 @@ def up_to_date(plan: Plan, settings: Settings,
     return {job_id: existing for job_id, existing in found.items() if existing is not None}
 
 
-def strip_rows(job: Job, settings: Settings, n_frames: int | None = None) -> int:
-    """Rows per strip for `job` under the memory budget (raises MemoryBudgetError)."""
+def strip_rows(job: Job, settings: Settings, n_frames: int | None = None,
+               direct: bool = False) -> int:
+    """Rows per strip for `job` under the memory budget (raises MemoryBudgetError); reading
+    `direct`ly, each worker has a second block, read ahead (`stacker.combine.StripBlocks`)."""
     from stacker.kernels import make_kernel
 
     kernel = make_kernel(settings.rejection_method, **settings.kernel_options())
     ny, nx = job.shape
-    return budget_rows(settings.memory_limit, n_frames or len(job.frames), nx,
-                       settings.resolved_num_workers, READ_BYTES_PER_VALUE + kernel.bytes_per_value,
-                       height=ny, what=job.id)
+    n = n_frames or len(job.frames)
+    w = settings.resolved_num_workers
+    held = READ_BYTES_PER_VALUE + kernel.bytes_per_value
+    rows = budget_rows(settings.memory_limit, n, nx, w, held, height=ny, what=job.id,
+                       strip_cap=DIRECT_STRIP_CAP if direct else STRIP_CAP)
+    if direct:  # the second block counts against the budget, not against the strip's cap
+        rows = min(rows, budget_rows(settings.memory_limit, n, nx, w,
+                                     held + READ_BYTES_PER_VALUE, strip_cap=None, what=job.id))
+    return rows
 
 
 def check_budget(plan: Plan, settings: Settings) -> None:
@@ -300,10 +311,10 @@ def build_master(job: Job, settings: Settings, path: Path, calibration: Path | N
     kernel = make_kernel(settings.rejection_method, **settings.kernel_options())
     cal_reader = _calibration_reader(job, calibration)
     frames, frame_stats = _validate(job, settings, cal_reader)
-    reader = StripReader(frames)
+    reader = StripReader(frames, direct=exceeds_page_cache(sum(f.nbytes for f in frames)))
     n, ny, nx = reader.shape
     w = settings.resolved_num_workers
-    rows = strip_rows(job, settings, n)
+    rows = strip_rows(job, settings, n, reader.direct)
     levels = scales = None
     prepare = None
     if job.kind == "flat":
@@ -320,8 +331,8 @@ def build_master(job: Job, settings: Settings, path: Path, calibration: Path | N
     writer = MasterWriter.create(path, (ny, nx), header, _count_header(),
                                  _inputs_table(frames, levels, scales))
     try:
-        log.debug("%s: %d frames of %dx%d in strips of %d rows on %d workers", job.id, n, nx,
-                  ny, rows, w)
+        log.debug("%s: %d frames of %dx%d in strips of %d rows on %d workers%s", job.id, n,
+                  nx, ny, rows, w, ", around the page cache" if reader.direct else "")
         stats = combine_into(reader, writer, kernel, rows, prepare=prepare, num_workers=w,
                              progress=_job_progress(job.id, progress))
         back = stats_rows(settings.memory_limit, nx)
@@ -339,6 +350,7 @@ def build_master(job: Job, settings: Settings, path: Path, calibration: Path | N
     out = _stats_dict(stats, n, levels, scales)
     out["frames"] = [s.to_dict() for s in frame_stats.values()]
     out["rows_per_strip"] = rows
+    out["read_around_page_cache"] = reader.direct
     return final, out
 
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stacker import io
-from stacker.errors import MemoryBudgetError
+from stacker.errors import FrameReadError, MemoryBudgetError
 from stacker.frames import read_frame
 from stacker.io import (
     STRIP_CAP,
@@ -233,3 +233,83 @@ def test_rows_per_chunk_is_the_largest_strip_within_budget(limit, n, width, work
         assert cost(1) > limit
         return
     assert cost(rows) <= limit < cost(rows + 1)
+
+
+def _direct_or_skip(path) -> None:
+    fd = io._open_direct(path)
+    if fd is None:
+        pytest.skip("no O_DIRECT on this file system: the read would go through the cache")
+    os.close(fd)
+
+
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from(["uint16", "int16", "float32", "float64"]),
+       nx=st.integers(1, 700), y0=st.integers(0, 29), height=st.integers(1, 30),
+       chunk_rows=st.integers(1, 9), piece_rows=st.integers(1, 4))
+def test_reads_around_the_page_cache_are_the_reads_through_it(tmp_path_factory, dtype, nx, y0,
+                                                              height, chunk_rows, piece_rows):
+    """O_DIRECT reads whole 4096-byte blocks around rows that start anywhere in them (headers
+    are 2880-byte blocks, rows any width), in chunks converted piece by piece."""
+    data = (RNG.integers(0, 65535, size=(30, nx)) - (32768 if dtype == "int16" else 0)
+            ).astype(dtype)
+    path = tmp_path_factory.mktemp("direct") / "f.fits"
+    fits.PrimaryHDU(data, header=fits.Header([("IMAGETYP", "Bias Frame")])).writeto(path)
+    _direct_or_skip(path)
+    frame = read_frame(path)
+    y1 = min(30, y0 + height)
+    row = nx * data.itemsize
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(io, "DIRECT_BYTES", chunk_rows * row)
+        mp.setattr(io, "STAGING_BYTES", piece_rows * row)
+        out = np.empty((y1 - y0, nx), np.float32)
+        io.read_rows_into(frame, y0, y1, out, direct=True)
+    np.testing.assert_array_equal(out, data[y0:y1].astype(np.float32))
+
+
+def test_a_file_truncated_under_a_direct_read_is_named(fitsfile):
+    data = RNG.integers(0, 65535, size=(40, 300)).astype(np.uint16)
+    path = fitsfile("t.fits", data, IMAGETYP="Bias Frame")
+    _direct_or_skip(path)
+    frame = read_frame(path)
+    with open(path, "r+b") as fh:
+        fh.truncate(frame.data_offset + 10 * 600 + 5)
+    reader = StripReader((frame, frame), direct=True)
+    reader.read(0, 10)  # what is still there reads fine
+    with pytest.raises(FrameReadError, match=r"t\.fits.*shorter than its header says"):
+        reader.read(8, 12)
+
+
+def test_groups_larger_than_half_the_available_memory_go_around_the_page_cache():
+    available = io._memory_available()
+    if available is None:
+        pytest.skip("no /proc/meminfo")
+    assert 10**6 < available < 10**15
+    assert not io.exceeds_page_cache(available // 3)
+    assert io.exceeds_page_cache(available)  # (margins: the OS figure moves between reads)
+
+
+def test_read_ahead_stays_its_number_of_items_ahead(monkeypatch):
+    """The OS is asked for each item in order, one file open per item, never more than
+    `ahead` items beyond those started, and for nothing more once the run is over."""
+    import threading
+    import time
+
+    asked: list[str] = []
+    done = threading.Event()
+
+    def advise(path, ranges):
+        asked.append(path)
+        if len(asked) == 6:
+            done.set()
+
+    monkeypatch.setattr(io, "_advise", advise)
+    items = [(f"f{i}", [(0, 10), (20, 10)]) for i in range(10)]
+    with io.ReadAhead(items, 3) as ahead:
+        time.sleep(0.2)
+        assert asked == ["f0", "f1", "f2"]
+        for _ in range(3):
+            ahead.started()
+        assert done.wait(5)
+        time.sleep(0.1)
+        assert asked == [f"f{i}" for i in range(6)]
+    assert asked == [f"f{i}" for i in range(6)]

@@ -8,6 +8,7 @@ is within 1.3x the RMS of that floor and its mean offset is within a few standar
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -468,3 +469,63 @@ def test_progress_counts_every_strip_of_every_master(raw, tmp_path):
         total = calls[-1][1]
         assert total > 1, job_id  # a small budget: several strips
         assert [d for d, _ in calls] == list(range(total + 1)), job_id  # 0, 1, ..., total
+
+
+@pytest.fixture
+def around_the_page_cache(monkeypatch, tmp_path):
+    """Call it, and every group is read as if it were larger than the memory free for the
+    page cache (the frames of a real run: the test's are tiny). Skips where the file system
+    has no O_DIRECT, where the run would quietly read through the cache and test nothing."""
+    from stacker import engine, io
+
+    probe = tmp_path / "probe"
+    probe.write_bytes(bytes(8192))
+    fd = io._open_direct(probe)
+    if fd is None:
+        pytest.skip("no O_DIRECT on this file system")
+    os.close(fd)
+    return lambda: monkeypatch.setattr(engine, "exceeds_page_cache", lambda nbytes: True)
+
+
+@pytest.mark.parametrize("method", ["sigma_clip", "minmax", "median"])
+def test_reading_around_the_page_cache_builds_the_same_masters(raw, tmp_path, default_run,
+                                                               around_the_page_cache, method):
+    """O_DIRECT reads, strips read ahead into a second block per worker, taller strips: the
+    same masters, flats (dark subtracted and scaled as each frame is read) included."""
+    import threading
+
+    reference = MasterFrameCreator(config(raw, tmp_path / "cache", rejection_method=method,
+                                          memory_limit="200kB", num_workers=2)
+                                   ).create_all_master_frames()
+    around_the_page_cache()
+    status = MasterFrameCreator(config(raw, tmp_path / "direct", rejection_method=method,
+                                       memory_limit="200kB", num_workers=2)
+                                ).create_all_master_frames()
+    mine, theirs = built(status), built(reference)
+    assert set(mine) == set(theirs) and len(mine) == 4
+    for job, m in mine.items():
+        assert m["stats"]["read_around_page_cache"] is True
+        assert m["stats"]["rows_per_strip"] < SHAPE[0] // 4  # several strips, read ahead
+        np.testing.assert_array_equal(data(m["path"]), data(theirs[job]["path"]))
+        np.testing.assert_array_equal(data(m["path"], 1), data(theirs[job]["path"], 1))
+    assert not [t for t in threading.enumerate() if t.name.startswith("stacker-ahead")]
+
+
+@pytest.mark.parametrize("limit", ["50kB", "300kB", "1GB"])
+def test_the_block_read_ahead_counts_against_the_memory_budget(raw, tmp_path, limit):
+    from stacker.engine import strip_rows
+    from stacker.io import DIRECT_STRIP_CAP, READ_BYTES_PER_VALUE, RESULT_BYTES_PER_PIXEL
+
+    creator = MasterFrameCreator(config(raw, tmp_path, memory_limit=limit, num_workers=2))
+    job = creator.plan(["dark"]).jobs[0]
+    s = creator.settings
+    n, nx = len(job.frames), job.shape[1]
+    held = READ_BYTES_PER_VALUE + make_kernel(s.rejection_method,
+                                              **s.kernel_options()).bytes_per_value
+    cache, direct = strip_rows(job, s), strip_rows(job, s, direct=True)
+    # two blocks per worker, within the budget
+    assert 2 * nx * (n * (held + READ_BYTES_PER_VALUE) + RESULT_BYTES_PER_PIXEL) * direct \
+        <= s.memory_limit
+    assert n * nx * held * direct <= DIRECT_STRIP_CAP
+    if limit == "50kB":
+        assert direct < cache
