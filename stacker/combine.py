@@ -76,14 +76,9 @@ class Prepare:
         """Read rows [y0, y1) of every frame into the float32 `out` and apply to each frame
         as soon as it is read: the same values as ``self(reader.read(...))``, while each
         frame's rows are still in cache (two passes over the whole block fewer)."""
-        from stacker.io import read_rows_into
-
         master = self.calibration.read(y0, y1)[0] if self.calibration is not None else None
         scales = np.asarray(self.scales, dtype=np.float32) if self.scales is not None else None
-        reader.each_frame(lambda i, frame: read_rows_into(
-            frame, y0, y1, out[i], master, None if scales is None else scales[i],
-            reader.direct))
-        return out
+        return reader.read(y0, y1, out, master, scales)
 
 
 def _reduce(block: np.ndarray, kernel: Callable, prepare: Prepare | None,
@@ -152,8 +147,7 @@ def combine_into(reader: StripReader, writer: MasterWriter, kernel: Callable, ro
         blocks = None
     else:
         strips = plan_strips(ny, rows)
-        blocks = StripBlocks(reader, prepare, strips, dtype,
-                             min(num_workers, len(strips)) * (2 if reader.direct else 1))
+        blocks = StripBlocks(reader, prepare, strips, dtype, min(num_workers, len(strips)))
         tasks = [(_strip_task, blocks, writer, kernel, k, y0, summary)
                  for k, (y0, _) in enumerate(strips)]
     try:
@@ -242,29 +236,29 @@ class StripBlocks:
         What `_read` reads a strip with.
     strips : list of (y0, y1)
         In the order the workers take them (`take` with the index).
-    buffers : int
-        Buffers of the tallest strip (the workers, twice that when reading ahead).
+    workers : int
+        Threads taking strips: one buffer of the tallest strip each, two when reading ahead.
     """
 
     def __init__(self, reader: StripReader, prepare: Prepare | None,
-                 strips: Sequence[tuple[int, int]], dtype, buffers: int) -> None:
+                 strips: Sequence[tuple[int, int]], dtype, workers: int) -> None:
         n, _, nx = reader.shape
         self._reader, self._prepare, self._strips = reader, prepare, strips
-        self.ahead = reader.direct
         tallest = max(y1 - y0 for y0, y1 in strips)
-        free = [np.empty(n * tallest * nx, dtype) for _ in range(max(1, buffers))]
+        free = [np.empty(n * tallest * nx, dtype)
+                for _ in range(max(1, workers) * (2 if reader.direct else 1))]
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._next = 0
         self._reads: list[Future] = [Future() for _ in strips]
         self._pool = ThreadPoolExecutor(len(free), thread_name_prefix="stacker-ahead") \
-            if self.ahead else None
+            if reader.direct else None
         for buffer in free:
             self.give(buffer)
 
     def take(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(buffer, block) of strip `k`: waits for its read ahead, or reads it now."""
-        if self.ahead:
+        if self._pool is not None:
             return self._reads[k].result()
         buffer = self._free.get()
         try:
@@ -275,7 +269,7 @@ class StripBlocks:
 
     def give(self, buffer: np.ndarray) -> None:
         """Return a buffer taken with `take`; reading ahead, the next strip goes into it."""
-        if not self.ahead:
+        if self._pool is None:
             self._free.put(buffer)
             return
         with self._lock:

@@ -109,9 +109,14 @@ class Frame:
         return "float64" if self.bitpix in (32, 64, -64) else "float32"
 
     @property
+    def row_nbytes(self) -> int:
+        """Bytes of one row of pixel data (uncompressed)."""
+        return self.shape[1] * abs(self.bitpix) // 8
+
+    @property
     def nbytes(self) -> int:
         """Bytes of pixel data (uncompressed)."""
-        return self.shape[0] * self.shape[1] * abs(self.bitpix) // 8
+        return self.shape[0] * self.row_nbytes
 
 
 @dataclass(frozen=True)

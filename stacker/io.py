@@ -19,7 +19,7 @@ import re
 import threading
 import urllib.parse
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -161,7 +161,9 @@ class StripReader:
             return np.dtype(np.uint16)
         return np.dtype(np.float32)
 
-    def read(self, y0: int, y1: int, out: np.ndarray | None = None) -> np.ndarray:
+    def read(self, y0: int, y1: int, out: np.ndarray | None = None,
+             subtract: np.ndarray | None = None,
+             scales: np.ndarray | None = None) -> np.ndarray:
         """Rows ``[y0, y1)`` of every frame as ``(N, y1 - y0, nx)``; missing = NaN.
 
         Float32 unless `out` is given: a uint16 `out` receives the frames' values as they
@@ -172,18 +174,19 @@ class StripReader:
             out = np.empty((n, y1 - y0, nx), dtype=np.float32)
         elif out.dtype != np.float32 and out.dtype != self.dtype:
             raise ValueError(f"these frames cannot be read into {out.dtype}: use {self.dtype}")
-        self.each_frame(lambda i, frame: read_rows_into(frame, y0, y1, out[i],
-                                                        direct=self.direct))
-        return out
 
-    def each_frame(self, read: Callable[[int, Frame], None]) -> None:
-        """``read(i, frame)`` for every frame: in order, or, reading around the page cache,
-        on `DIRECT_THREADS` threads, so that the disk has that many requests to work on."""
-        if not self.direct or len(self.frames) < 2:
-            for i, frame in enumerate(self.frames):
-                read(i, frame)
-            return
-        list(_direct_pool().map(read, range(len(self.frames)), self.frames))
+        def read(i: int) -> None:
+            read_rows_into(self.frames[i], y0, y1, out[i], subtract,
+                           None if scales is None else scales[i], self.direct)
+
+        # Around the page cache on `DIRECT_THREADS` threads, so that the disk has that many
+        # requests to work on.
+        if not self.direct or n < 2:
+            for i in range(n):
+                read(i)
+        else:
+            list(_direct_pool().map(read, range(n)))
+        return out
 
     def read_frame_rows(self, index: int, rows: Sequence[int]) -> np.ndarray:
         """Selected rows of one frame as float32 ``(len(rows), nx)`` (for sampled statistics)."""
@@ -201,7 +204,7 @@ class StripReader:
         frame = self.frames[index]
         if frame.compressed:
             return frame.path, []
-        row = frame.shape[1] * abs(frame.bitpix) // 8
+        row = frame.row_nbytes
         return frame.path, [(frame.data_offset + y0 * row, (y1 - y0) * row)
                             for y0, y1 in _runs(rows)]
 
@@ -326,8 +329,7 @@ def _read_rows_into(frame: Frame, y0: int, y1: int, out: np.ndarray,
         out[...] = _read_compressed(frame, y0, y1)
         _calibrate(out, subtract, scale)
         return
-    nx = frame.shape[1]
-    row = nx * abs(frame.bitpix) // 8
+    nx, row = frame.shape[1], frame.row_nbytes
     # Converted in pieces that stay in the core's cache: one pass over a whole tall strip
     # would send every byte to memory and back (2.9x slower at 327 rows of 4096 px than in
     # pieces of 64).
@@ -403,19 +405,10 @@ def _read_aligned(fd: int, offset: int, nbytes: int) -> tuple[np.ndarray, bool]:
     them are read into an aligned per-thread buffer. Returns (bytes, all of them read)."""
     start = offset - offset % DIRECT_ALIGN
     stop = -(-(offset + nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN
-    buf = _direct_buffer(stop - start)
+    buf = _staging(stop - start, DIRECT_ALIGN)
     got = os.preadv(fd, [buf], start)
     head = offset - start
     return buf[head : head + nbytes], got >= head + nbytes
-
-
-def _direct_buffer(nbytes: int) -> np.ndarray:
-    buf = getattr(_local, "direct", None)
-    if buf is None or buf.size < nbytes:
-        raw = np.empty(nbytes + DIRECT_ALIGN, np.uint8)
-        buf = raw[(-raw.ctypes.data) % DIRECT_ALIGN :][:nbytes]
-        _local.direct = buf
-    return buf[:nbytes]
 
 
 def exceeds_page_cache(nbytes: int) -> bool:
@@ -456,13 +449,16 @@ _local = threading.local()
 STAGING_BYTES = 512 * 1024
 
 
-def _staging(nbytes: int) -> np.ndarray:
-    """A per-thread byte buffer reused across reads: `os.pread` would allocate (and fault in)
-    a fresh buffer for every strip of every file."""
-    buf = getattr(_local, "buf", None)
+def _staging(nbytes: int, align: int = 1) -> np.ndarray:
+    """A per-thread byte buffer reused across reads, starting at a multiple of `align`
+    (``O_DIRECT``): `os.pread` would allocate (and fault in) a fresh buffer for every strip
+    of every file. One buffer per alignment, as a thread uses both kinds of read."""
+    name = f"buf{align}"
+    buf = getattr(_local, name, None)
     if buf is None or buf.size < nbytes:
-        buf = np.empty(nbytes, np.uint8)
-        _local.buf = buf
+        raw = np.empty(nbytes + align - 1, np.uint8)
+        buf = raw[(-raw.ctypes.data) % align :][:nbytes]
+        setattr(_local, name, buf)
     return buf[:nbytes]
 
 

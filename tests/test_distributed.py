@@ -150,9 +150,9 @@ def _slow_reads(seconds: float) -> None:
 
     original = StripReader.read
 
-    def slow(self, y0, y1, out=None):
+    def slow(self, y0, y1, *args, **kw):
         time.sleep(seconds)
-        return original(self, y0, y1, out)
+        return original(self, y0, y1, *args, **kw)
 
     StripReader.read = slow
 
