@@ -20,7 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stacker.io import MasterWriter, StripReader, pass_rows, plan_strips
+from stacker.io import (
+    MasterWriter,
+    StripReader,
+    pass_rows,
+    plan_strips,
+    stream_ahead,
+    stream_rows,
+)
 from stacker.kernels import RunningSums
 
 #: Pixels sampled per frame to measure a flat's level (evenly spaced full rows).
@@ -102,7 +109,8 @@ def reduce_stack(stack, kernel: Callable, prepare: Prepare | None = None):
 
 def combine_into(reader: StripReader, writer: MasterWriter, kernel: Callable, rows: int,
                  *, prepare: Prepare | None = None, num_workers: int = 1,
-                 progress: Callable[[int, int], None] | None = None) -> MasterStats:
+                 progress: Callable[[int, int], None] | None = None,
+                 running_rows: int | None = None) -> MasterStats:
     """Build the master: read, prepare, reduce and store strip by strip, in parallel.
 
     Each strip is one task that reads, reduces and writes it: the graph `frame_stack` ->
@@ -116,6 +124,9 @@ def combine_into(reader: StripReader, writer: MasterWriter, kernel: Callable, ro
     ----------
     progress : callable, optional
         ``progress(done, total)`` with the number of strips written, from 0.
+    running_rows : int, optional
+        Rows per strip when the kernel takes the frames one at a time (running sums);
+        by default `stacker.io.stream_rows` through the page cache.
 
     Returns
     -------
@@ -135,15 +146,16 @@ def combine_into(reader: StripReader, writer: MasterWriter, kernel: Callable, ro
         # sums as they are read; no block of N frames is built, so a strip can be tall
         # whatever N is, and tall strips mean few reads: their Python overhead, which holds
         # the GIL, was what limited the block path (N=200: 2.0 -> 0.95 s on two threads).
-        # Memory: STREAM_BYTES per worker, whatever N. Read through the page cache even when
-        # the frames exceed it (`StripReader.direct`): this path waits on the disk, not on
-        # the CPU, so the cache's CPU cost is free, and the OS's read-ahead keeps the disk
-        # busier than two workers' one-at-a-time direct reads (200 full frames, not in the
-        # cache: 11.9-12.7 s in four runs, 19.7-25.6 s in two that first had to reclaim a
-        # cache full of other files; direct 15.9-16.3 s; reading the bytes 11.3-11.7 s).
-        strips = plan_strips(ny, max(1, STREAM_BYTES // (nx * STREAM_BYTES_PER_PIXEL)))
-        tasks = [(_running_task, reader, writer, running, y0, y1, summary)
-                 for y0, y1 in strips]
+        # Memory: a few MB per worker whatever N (`stream_rows`). Around the page cache,
+        # the frames' rows come from reads in flight on the reader threads, in whatever
+        # order they complete: 200 full frames not in the cache, mean, 13.2 s against
+        # 16.4-26 s through the cache (its CPU cost, and reclaiming it) and 13.0 s for
+        # reading the bytes alone.
+        if running_rows is None:
+            running_rows = stream_rows(0, (ny, nx), num_workers, direct=False)
+        ahead = stream_ahead(num_workers)
+        tasks = [(_running_task, reader, writer, running, y0, y1, summary, ahead)
+                 for y0, y1 in plan_strips(ny, running_rows)]
         blocks = None
     else:
         strips = plan_strips(ny, rows)
@@ -186,25 +198,14 @@ def _run_tasks(tasks: list, num_workers: int,
 
 
 def _running_task(reader: StripReader, writer: MasterWriter, running: Callable, y0: int,
-                  y1: int, summary: StripSummary) -> None:
-    from stacker.io import read_rows_into
-
+                  y1: int, summary: StripSummary, ahead: int) -> None:
     _, _, nx = reader.shape
     sums = running((y1 - y0, nx))
-    rows = np.empty((y1 - y0, nx), np.uint16)
-    for frame in reader.frames:
-        read_rows_into(frame, y0, y1, rows)
-        sums.add(rows)
+    for rows in reader.frame_rows(y0, y1, np.uint16, ahead):
+        sums.add(rows)  # integer sums and extremes: the frames' order does not matter
     image, used = sums.result()
     writer.write(y0, image, used)
     summary.add(y0, image, used)
-
-
-#: Bytes of running sums and one frame's rows per streaming strip (102 rows of 4096 px):
-#: 2, 4 and 8 MiB took 1.18, 0.95 and 0.91 s for 200 frames of 4096x4096 on two threads.
-STREAM_BYTES = 4096 * 1024
-#: int32 total, uint16 min and max, the frame's uint16 rows.
-STREAM_BYTES_PER_PIXEL = 10
 
 
 def _strip_task(blocks: StripBlocks, writer: MasterWriter, kernel: Callable, k: int,

@@ -44,6 +44,7 @@ from stacker.io import (
     fits_ascii,
     image_header_bytes,
     stats_rows,
+    stream_rows,
 )
 from stacker.io import rows_per_chunk as budget_rows
 from stacker.outdir import (
@@ -334,7 +335,9 @@ def build_master(job: Job, settings: Settings, path: Path, calibration: Path | N
         log.debug("%s: %d frames of %dx%d in strips of %d rows on %d workers%s", job.id, n,
                   nx, ny, rows, w, ", around the page cache" if reader.direct else "")
         stats = combine_into(reader, writer, kernel, rows, prepare=prepare, num_workers=w,
-                             progress=_job_progress(job.id, progress))
+                             progress=_job_progress(job.id, progress),
+                             running_rows=stream_rows(settings.memory_limit, (ny, nx), w,
+                                                      reader.direct))
         back = stats_rows(settings.memory_limit, nx)
         cards = _stat_cards(stats, n)
         if job.kind == "flat":

@@ -13,7 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from stacker import _fast, combine
+from stacker import _fast
 from stacker.combine import (
     Prepare,
     combine_into,
@@ -188,18 +188,16 @@ def test_keys_order_like_the_values_and_invert(values):
                                   values.view(np.uint32))
 
 
-def test_combine_into_writes_the_master_and_returns_its_exact_statistics(tmp_path,
-                                                                          monkeypatch):
+def test_combine_into_writes_the_master_and_returns_its_exact_statistics(tmp_path):
     """Strips on two threads: the image is the kernel of the whole stack, the streamed
     statistics are those read back from the file and those of numpy. The mean of uint16
     frames runs as running sums, here in strips of 3 rows."""
-    monkeypatch.setattr(combine, "STREAM_BYTES", 3 * 11 * combine.STREAM_BYTES_PER_PIXEL)
     reader = _reader(tmp_path, n=5, shape=(37, 11))
     assert reader.dtype == np.uint16
     for kernel, strips in ((Mean(), 13), (MinMax(), 13), (SigmaClip(), 10)):
         w = MasterWriter.create(tmp_path / "c.fits", (37, 11), fits.Header(), fits.Header())
         seen: list[tuple[int, int]] = []
-        stats = combine_into(reader, w, kernel, rows=4, num_workers=2,
+        stats = combine_into(reader, w, kernel, rows=4, num_workers=2, running_rows=3,
                              progress=lambda done, total, seen=seen: seen.append((done, total)))
         image, used = kernel(reader.read(0, 37))
         np.testing.assert_array_equal(w.read_image(0, 37), image)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -277,6 +279,71 @@ def test_a_file_truncated_under_a_direct_read_is_named(fitsfile):
     reader.read(0, 10)  # what is still there reads fine
     with pytest.raises(FrameReadError, match=r"t\.fits.*shorter than its header says"):
         reader.read(8, 12)
+
+
+@pytest.mark.parametrize("ahead", [1, 2, 3, 8])
+def test_frames_one_at_a_time_around_the_page_cache_are_every_frame_once(fitsfile, ahead):
+    """The streaming reductions' reads: every frame's rows exactly once, whatever order the
+    reads complete in, in buffers that are not written to once handed out."""
+    stack = RNG.integers(0, 65535, size=(7, 40, 300)).astype(np.uint16)
+    frames = [read_frame(fitsfile(f"s{i}.fits", stack[i], IMAGETYP="Bias Frame"))
+              for i in range(len(stack))]
+    _direct_or_skip(frames[0].path)
+    seen = []
+    for rows in StripReader(tuple(frames), direct=True).frame_rows(5, 31, ahead=ahead):
+        seen.append(rows.copy())
+        time.sleep(0.002)  # the reads in flight finish while the caller holds this one
+        np.testing.assert_array_equal(rows, seen[-1])
+    assert sorted(r.tobytes() for r in seen) == sorted(f[5:31].tobytes() for f in stack)
+
+
+def test_a_failed_read_among_those_in_flight_is_named_and_leaves_none_running(fitsfile,
+                                                                            monkeypatch):
+    data = RNG.integers(0, 65535, size=(40, 300)).astype(np.uint16)
+    paths = [fitsfile(f"r{i}.fits", data, IMAGETYP="Bias Frame") for i in range(12)]
+    _direct_or_skip(paths[0])
+    frames = tuple(read_frame(p) for p in paths)
+    with open(paths[3], "r+b") as fh:
+        fh.truncate(frames[3].data_offset + 10 * 600)
+    running, lock, read = [0, 0], threading.Lock(), io.read_rows_into
+
+    def slow_read(*args, **kw):
+        with lock:
+            running[0] += 1
+            running[1] += 1
+        time.sleep(0.02)
+        try:
+            read(*args, **kw)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(io, "read_rows_into", slow_read)
+    with pytest.raises(FrameReadError, match=r"r3\.fits.*shorter than its header says"):
+        for _ in StripReader(frames, direct=True).frame_rows(0, 40, ahead=4):
+            pass
+    assert running[0] == 0  # nothing still writing into the buffers
+    assert running[1] < len(frames)  # the frames after the failure were not all read
+
+
+@settings(max_examples=200, deadline=None)
+@given(limit=st.integers(10**5, 10**10), ny=st.integers(1, 20000), nx=st.integers(1, 20000),
+       workers=st.integers(1, 8))
+def test_streaming_strips_around_the_page_cache_fit_the_budget_in_reads_of_direct_bytes(
+        limit, ny, nx, workers):
+    try:
+        rows = io.stream_rows(limit, (ny, nx), workers, direct=True)
+    except MemoryBudgetError:
+        assert workers * nx * (8 + 4 * io.stream_ahead(workers) + 16) > limit
+        return
+    per_row = workers * nx * (io.STREAM_SUM_BYTES + 4 * io.stream_ahead(workers)
+                              + io.RESULT_BYTES_PER_PIXEL)
+    assert rows * per_row <= limit
+    assert rows == 1 or rows * nx * 2 <= io.DIRECT_BYTES  # one read per frame and strip
+    assert rows <= -(-ny // (4 * workers))  # every worker gets strips
+    assert rows + 1 > min(limit // per_row, io.DIRECT_BYTES // (2 * nx), -(-ny // (4 * workers)))
+    assert io.stream_rows(limit, (ny, nx), workers, direct=False) * nx * 10 <= max(
+        io.STREAM_BYTES, nx * 10)
 
 
 def test_groups_larger_than_half_the_available_memory_go_around_the_page_cache():

@@ -487,7 +487,7 @@ def around_the_page_cache(monkeypatch, tmp_path):
     return lambda: monkeypatch.setattr(engine, "exceeds_page_cache", lambda nbytes: True)
 
 
-@pytest.mark.parametrize("method", ["sigma_clip", "minmax", "median"])
+@pytest.mark.parametrize("method", ["sigma_clip", "minmax", "median", "mean"])
 def test_reading_around_the_page_cache_builds_the_same_masters(raw, tmp_path, default_run,
                                                                around_the_page_cache, method):
     """O_DIRECT reads, strips read ahead into a second block per worker, taller strips: the
