@@ -426,16 +426,22 @@ def test_a_given_logger_gets_records_at_its_own_level(raw, tmp_path):
     assert "DEBUG" in log  # the file log keeps the details
 
 
-@pytest.mark.parametrize("qc", [True, False])
-def test_a_file_damaged_after_the_inventory(raw, tmp_path, qc):
+@pytest.mark.parametrize("qc, method, direct", [(True, "sigma_clip", False),
+                                                (False, "sigma_clip", False),
+                                                (False, "sigma_clip", True),
+                                                (False, "mean", True)])
+def test_a_file_damaged_after_the_inventory(raw, tmp_path, qc, method, direct, request):
     """With quality control the frame is left out and named; without it the master fails
-    naming the file and is absent (no partial file). Other masters are built either way."""
+    naming the file and is absent (no partial file), also when the frames are read around
+    the page cache, several at a time. Other masters are built either way."""
     from stacker.engine import run_plan
 
+    if direct:
+        request.getfixturevalue("around_the_page_cache")()
     folder, _ = raw
     darks = tmp_path / "darks"
     shutil.copytree(folder / "darks", darks)
-    cfg = config(raw, tmp_path, quality_control=qc)
+    cfg = config(raw, tmp_path, quality_control=qc, rejection_method=method, num_workers=2)
     cfg["master_frames"]["darks_dir"] = str(darks)
     creator = MasterFrameCreator(cfg)
     plan = creator.plan(["dark"])
