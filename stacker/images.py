@@ -9,7 +9,7 @@ any image HDU into a `Frame` that `StripReader` reads with positioned reads.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 
@@ -131,6 +131,30 @@ def iter_strips(frame: Frame, rows: int, margin: int = 0
     for y0, y1 in plan_strips(ny, max(1, rows)):
         a, b = max(0, y0 - margin), min(ny, y1 + margin)
         yield y0, y1, reader.read(a, b)[0]
+
+
+def threaded(fn: Callable, items: Iterable, workers: int) -> Iterator:
+    """``map(fn, items)`` on up to `workers` threads, in order (`fn` releases the GIL:
+    compiled loops, numpy). Items are taken from `items` as results are handed out, at most
+    ``2 * workers`` at a time, so a pass over strips holds a few strips, not the image."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="stacker-pass") as pool:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def read_rows(frame: Frame, rows) -> np.ndarray:
