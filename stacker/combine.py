@@ -146,7 +146,8 @@ def combine_into(reader: StripReader, writer: MasterWriter, kernel: Callable, ro
         # sums as they are read; no block of N frames is built, so a strip can be tall
         # whatever N is, and tall strips mean few reads: their Python overhead, which holds
         # the GIL, was what limited the block path (N=200: 2.0 -> 0.95 s on two threads).
-        # Memory: a few MB per worker whatever N (`stream_rows`). Around the page cache,
+        # Memory: whatever N, `stream_rows` (a few MB per worker through the page cache,
+        # reads of up to 16 MiB per frame within the budget around it). Around the cache,
         # the frames' rows come from reads in flight on the reader threads, in whatever
         # order they complete: 200 full frames not in the cache, mean, 13.2 s against
         # 16.4-26 s through the cache (its CPU cost, and reclaiming it) and 13.0 s for

@@ -461,9 +461,12 @@ def stream_rows(memory_limit: int, shape: tuple[int, int], workers: int,
     ny, nx = shape
     if not direct:
         return max(1, STREAM_BYTES // (nx * STREAM_BYTES_PER_PIXEL))
-    per_pixel = STREAM_SUM_BYTES + 4 * stream_ahead(workers)
-    rows = rows_per_chunk(memory_limit, 1, nx, workers, per_pixel, height=ny, strip_cap=None)
-    return max(1, min(rows, DIRECT_BYTES // (2 * nx)))
+    per_row = workers * nx * (STREAM_SUM_BYTES + 4 * stream_ahead(workers)
+                              + RESULT_BYTES_PER_PIXEL)
+    balanced = -(-ny // (4 * workers))  # every worker gets strips
+    # At least a row: a budget that small is refused before (`rows_per_chunk`), or holds
+    # a row of a block of frames, which is more than a row of sums.
+    return max(1, min(memory_limit // per_row, DIRECT_BYTES // (2 * nx), balanced))
 
 
 #: Bytes of running sums and one frame's rows per streaming strip through the page cache
