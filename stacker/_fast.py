@@ -130,6 +130,43 @@ def median_in_place(work):  # pragma: no cover - compiled
     return (a + b) * np.float32(0.5)
 
 
+@njit(nogil=True, cache=True)
+def sample_pass(values, raw, top, finite, work):  # pragma: no cover - compiled
+    """One pass over a frame's sample (1-D float32 `values`, and `raw` before subtraction):
+    its finite values copied, in order, into `finite` and `work` (for a selection that
+    reorders it), and ``(count, mean, std, min, max, raw values >= top)``; mean and
+    population std in float64 from sums shifted by the first finite value (no
+    cancellation at a flat's level)."""
+    n = 0
+    shift = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    lo = np.inf
+    hi = -np.inf
+    saturated = 0
+    for i in range(values.size):
+        if raw[i] >= top:
+            saturated += 1
+        x = values[i]
+        if np.isfinite(x):
+            if n == 0:
+                shift = np.float64(x)
+            finite[n] = x
+            work[n] = x
+            n += 1
+            d = np.float64(x) - shift
+            s1 += d
+            s2 += d * d
+            if x < lo:
+                lo = x
+            if x > hi:
+                hi = x
+    if n == 0:
+        return 0, np.nan, np.nan, np.nan, np.nan, saturated
+    mean = s1 / n
+    return n, shift + mean, np.sqrt(max(s2 / n - mean * mean, 0.0)), lo, hi, saturated
+
+
 #: Whole-number values a bracketed median may count instead of selecting (`_integer_median`).
 HIST_BINS = 64
 

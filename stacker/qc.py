@@ -134,29 +134,39 @@ def measure(frame: Frame, values: np.ndarray, raw: np.ndarray | None = None,
     which only quality control judges, are not computed (NaN, empty): half the cost of
     measuring a flat, whose median is all a run without quality control needs.
     """
-    raw = values if raw is None else raw
-    finite_mask = np.isfinite(values)
-    finite = values[finite_mask]
+    from stacker._fast import median_in_place, sample_pass
+
+    values = np.asarray(values, np.float32)
+    flat_values = np.ascontiguousarray(values).ravel()
+    flat_raw = flat_values if raw is None or raw is values else \
+        np.ascontiguousarray(raw, np.float32).ravel()
     top = full_scale(frame)
-    saturated = float(np.mean(raw >= top)) if top is not None else 0.0
-    if finite.size == 0:
+    # One compiled pass instead of numpy's isfinite, boolean copy, saturation test and four
+    # reductions (with the median's copy, 6.5 of the 10.8 ms a 4096 px frame's 1 M sampled
+    # pixels took).
+    finite, work = np.empty((2, flat_values.size), np.float32)
+    n, mean, std, lo, hi, n_top = sample_pass(flat_values, flat_raw,
+                                              np.inf if top is None else top, finite, work)
+    saturated = n_top / flat_values.size if top is not None else 0.0
+    if n == 0:
         nan = float("nan")
         return FrameStats(str(frame.path), nan, nan, nan, nan, nan, 0.0, saturated)
-    median = _median(finite)
+    finite = finite[:n]
+    median = float(median_in_place(work[:n]))
     fraction = None
     if top is not None:
-        fraction = median / top if raw is values else _median(raw[finite_mask]) / top
+        fraction = median / top if flat_raw is flat_values else \
+            _median(flat_raw[np.isfinite(flat_values)]) / top
     # The level (median, which scales flats) uses every sampled pixel; the QC-only shape and
     # noise use a quarter of them, plenty for a z-score and four times cheaper.
-    step = 2 if finite.size >= QC_SUBSAMPLE_FROM else 1
+    step = 2 if n >= QC_SUBSAMPLE_FROM else 1
     zones = _zones(values[::step, ::step], median) \
         if quality and frame.kind == "flat" and median > 0 else ()
     level, noise = clipped_stats(finite[::step * step], median=median) if quality \
         else (float("nan"), float("nan"))
-    return FrameStats(str(frame.path), median, float(finite.mean()), float(finite.std()),
-                      float(finite.min()), float(finite.max()), finite.size / values.size,
-                      saturated, level=level, noise=noise, full_scale_fraction=fraction,
-                      zones=zones)
+    return FrameStats(str(frame.path), median, float(mean), float(std), float(lo), float(hi),
+                      n / flat_values.size, saturated, level=level, noise=noise,
+                      full_scale_fraction=fraction, zones=zones)
 
 
 def _median(values: np.ndarray) -> float:
@@ -177,7 +187,9 @@ def _zones(values: np.ndarray, level: float) -> tuple[float, ...]:
     for band in np.array_split(values, min(SHAPE_ZONES, values.shape[0]), axis=0):
         for zone in np.array_split(band, min(SHAPE_ZONES, values.shape[1]), axis=1):
             # nanmedian costs several times median: only when the zone has a NaN.
-            z = np.nanmedian(zone) if np.isnan(zone).any() else np.median(zone)
+            nan = np.isnan(zone)
+            z = np.median(zone) if not nan.any() else \
+                np.nanmedian(zone) if not nan.all() else np.nan
             out.append(float(z) / level)
     return tuple(out)
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from stacker import MasterFrameCreator
-from stacker.qc import _median, clipped_stats
+from stacker.qc import QC_SUBSAMPLE_FROM, _median, clipped_stats, measure
 from stacker.simulate import CameraModel, SimulationSpec, simulate
 
 SHAPE = (48, 64)
@@ -191,3 +191,39 @@ def test_frame_median_of_repeated_values_finishes():
                    np.repeat(np.float32([1.0, 2.0]), 500_000),
                    np.round(rng.normal(100, 2, 1_000_000)).astype(np.float32)):
         assert _median(values) == float(np.median(values))
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=arrays(np.float32, st.tuples(st.integers(1, 40), st.integers(1, 60)),
+                     elements=st.one_of(st.floats(0, 70000, width=32),
+                                        st.sampled_from([np.nan, np.inf, -np.inf, 65535.0,
+                                                         500.0, 501.0]))),
+       offset=st.sampled_from([None, 0.0, 1000.5]), dtype=st.sampled_from(["uint16", "float32"]),
+       kind=st.sampled_from(["dark", "flat"]))
+def test_a_frames_sample_statistics_are_numpys(values, offset, dtype, kind):
+    """The one compiled pass over a frame's sample against numpy on the same values: count of
+    finite values, median (exact), mean and std (float64), extremes, saturation of the raw
+    values, and the clipped level and noise of the same subsample."""
+    from types import SimpleNamespace
+
+    frame = SimpleNamespace(path="f.fits", dtype=dtype, kind=kind)
+    raw = values
+    work = values if offset is None else values - np.float32(offset)
+    st_ = measure(frame, work, None if offset is None else raw, quality=True)
+    finite = work[np.isfinite(work)]
+    saturated = float(np.mean(raw >= 65535.0)) if dtype == "uint16" else 0.0
+    assert st_.saturated_fraction == saturated
+    assert st_.finite_fraction == finite.size / work.size
+    if finite.size == 0:
+        assert np.isnan(st_.median) and np.isnan(st_.mean)
+        return
+    assert st_.median == float(np.median(finite))
+    assert (st_.min, st_.max) == (float(finite.min()), float(finite.max()))
+    f64 = finite.astype(np.float64)
+    assert st_.mean == pytest.approx(f64.mean(), rel=1e-12, abs=1e-9)
+    assert st_.std == pytest.approx(f64.std(), rel=1e-6, abs=1e-6 * (1 + abs(f64.mean())))
+    step = 2 if finite.size >= QC_SUBSAMPLE_FROM else 1
+    assert (st_.level, st_.noise) == clipped_stats(finite[::step * step], median=st_.median)
+    if dtype == "uint16":
+        ref = raw[np.isfinite(work)]
+        assert st_.full_scale_fraction == float(np.median(ref)) / 65535.0
