@@ -72,12 +72,13 @@ def ensure_data(data: Path, width: int, height: int, n: int) -> list[Path]:
                   "--exposures", "60")
         have = sorted((full / "darks").rglob("*.fits"))
     subset = data / f"{width}x{height}_n{n}"
-    if not subset.exists() or len(list(subset.glob("*.fits"))) != n:
+    links = list(subset.glob("*.fits")) if subset.exists() else []
+    if len(links) != n or not all(link.exists() for link in links):  # (broken links too)
         subset.mkdir(parents=True, exist_ok=True)
-        for old in subset.glob("*.fits"):
+        for old in links:
             old.unlink()
         for path in have[:n]:
-            (subset / path.name).symlink_to(path)
+            (subset / path.name).symlink_to(path.resolve())
     return sorted(subset.glob("*.fits"))
 
 
