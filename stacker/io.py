@@ -215,23 +215,40 @@ class StripReader:
             return
         from concurrent.futures import FIRST_COMPLETED, wait
 
+        # Camera data are read into the buffer itself and converted where they lie (no
+        # staging copy, and no 16 MiB staging buffer kept by every reader thread).
+        in_place = np.dtype(dtype) == np.uint16 and self.dtype == np.uint16
+        if in_place:
+            size = (y1 - y0) * self.frames[0].row_nbytes + 2 * DIRECT_ALIGN
+
+            def read(frame: Frame, buffer: np.ndarray) -> np.ndarray:
+                return read_rows_direct(frame, y0, y1, buffer)
+
+            def new_buffer() -> np.ndarray:
+                return _aligned(size)
+        else:
+            def read(frame: Frame, buffer: np.ndarray) -> np.ndarray:
+                read_rows_into(frame, y0, y1, buffer, direct=True)
+                return buffer
+
+            def new_buffer() -> np.ndarray:
+                return np.empty((y1 - y0, nx), dtype)
+
         pool, todo, pending = _direct_pool(), iter(self.frames), {}
 
         def start(buffer: np.ndarray) -> None:
             frame = next(todo, None)
             if frame is not None:
-                future = pool.submit(read_rows_into, frame, y0, y1, buffer, None, None, True)
-                pending[future] = buffer
+                pending[pool.submit(read, frame, buffer)] = buffer
 
         for _ in range(min(n, ahead)):
-            start(np.empty((y1 - y0, nx), dtype))
+            start(new_buffer())
         try:
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     buffer = pending.pop(future)
-                    future.result()
-                    yield buffer
+                    yield future.result()
                     start(buffer)
         finally:
             for future in pending:
@@ -455,13 +472,12 @@ def stream_rows(memory_limit: int, shape: tuple[int, int], workers: int,
     small strips stay in the core's cache. Around it (`direct`), each frame's piece of a
     strip is one read the disk serves alone, so strips are as tall as `DIRECT_BYTES` of one
     frame, within `memory_limit`: per pixel, the running sums (8 bytes), the results (16,
-    as for every strip) and, per read in flight (`stream_ahead`), the frame's rows and the
-    reader thread's staging copy (2 + 2).
+    as for every strip) and the frame's rows of each read in flight (2, `stream_ahead`).
     """
     ny, nx = shape
     if not direct:
         return max(1, STREAM_BYTES // (nx * STREAM_BYTES_PER_PIXEL))
-    per_row = workers * nx * (STREAM_SUM_BYTES + 4 * stream_ahead(workers)
+    per_row = workers * nx * (STREAM_SUM_BYTES + 2 * stream_ahead(workers)
                               + RESULT_BYTES_PER_PIXEL)
     balanced = -(-ny // (4 * workers))  # every worker gets strips
     # At least a row: a budget that small is refused before (`rows_per_chunk`), or holds
@@ -491,6 +507,50 @@ def _open_direct(path: Path) -> int | None:
         if exc.errno == errno.EINVAL:
             return None
         raise
+
+
+def read_rows_direct(frame: Frame, y0: int, y1: int, buffer: np.ndarray) -> np.ndarray:
+    """Rows ``[y0, y1)`` of plain camera data (FITS uint16: int16 + BZERO 32768) as uint16,
+    read around the page cache into `buffer` (bytes aligned to `DIRECT_ALIGN`, at least the
+    rows' bytes plus two blocks) and converted where they lie. Returns the view of `buffer`
+    that holds them.
+
+    Raises
+    ------
+    FrameReadError
+        Naming the frame, when its bytes cannot be read.
+    """
+    from stacker._fast import uint16_from_fits
+
+    row = frame.row_nbytes
+    offset, nbytes = frame.data_offset + y0 * row, (y1 - y0) * row
+    fd = _open_direct(frame.path)
+    # Without O_DIRECT the same bytes through the cache, from where they start.
+    start = offset - offset % DIRECT_ALIGN if fd is not None else offset
+    stop = -(-(offset + nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN if fd is not None else \
+        offset + nbytes
+    try:
+        if fd is None:
+            fd = os.open(frame.path, os.O_RDONLY)
+        try:
+            got = os.preadv(fd, [buffer[: stop - start]], start)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise FrameReadError(frame.path, f"cannot be read ({exc.strerror or exc})") from exc
+    head = offset - start
+    if got < head + nbytes:
+        raise FrameReadError(frame.path, "file is shorter than its header says "
+                                         "(truncated since it was scanned?)")
+    words = buffer[head : head + nbytes].view(np.uint16).reshape(y1 - y0, frame.shape[1])
+    uint16_from_fits(words, words)  # element by element: in place is safe
+    return words
+
+
+def _aligned(nbytes: int) -> np.ndarray:
+    """A fresh byte buffer starting at a multiple of `DIRECT_ALIGN`."""
+    raw = np.empty(nbytes + DIRECT_ALIGN - 1, np.uint8)
+    return raw[(-raw.ctypes.data) % DIRECT_ALIGN :][:nbytes]
 
 
 def _read_aligned(fd: int, offset: int, nbytes: int) -> tuple[np.ndarray, bool]:
