@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from stacker.io import (
+    STREAM_AHEAD,
     MasterWriter,
     StripReader,
     pass_rows,
     plan_strips,
-    stream_ahead,
     stream_rows,
 )
 from stacker.kernels import RunningSums
@@ -154,8 +154,7 @@ def combine_into(reader: StripReader, writer: MasterWriter, kernel: Callable, ro
         # reading the bytes alone.
         if running_rows is None:
             running_rows = stream_rows(0, (ny, nx), num_workers, direct=False)
-        ahead = stream_ahead(num_workers)
-        tasks = [(_running_task, reader, writer, running, y0, y1, summary, ahead)
+        tasks = [(_running_task, reader, writer, running, y0, y1, summary, STREAM_AHEAD)
                  for y0, y1 in plan_strips(ny, running_rows)]
         blocks = None
     else:

@@ -457,10 +457,16 @@ def _direct_pool():
 _DIRECT_POOL = None
 
 
-def stream_ahead(workers: int) -> int:
-    """Reads in flight per worker of the streaming reductions around the page cache: the
-    `DIRECT_THREADS` shared out (`StripReader.frame_rows`)."""
-    return max(2, DIRECT_THREADS // max(1, workers))
+#: Reads in flight per worker of the streaming reductions around the page cache
+#: (`StripReader.frame_rows`).
+STREAM_AHEAD = 4
+#: Largest piece of one frame a streaming strip reads around the page cache. Read alone,
+#: taller pieces went faster (200 full frames not in the cache, strips of 799 / 954 / 1597 /
+#: 3194 rows, 15 / 18 / 31 / 61 MB a frame: 10.5 / 10.1-10.2 / 9.1-9.8 / 8.5-9.3 s); in a
+#: whole mean, 31 MB pieces 2 at a time took 12.9-13.4 s and 700 MB, 16 MiB pieces 4 at a
+#: time 12.2-12.6 s and 450-470 MB: the running sums of a taller strip no longer stay in
+#: the core's cache.
+STREAM_DIRECT_BYTES = 16 * 2**20
 
 
 def stream_rows(memory_limit: int, shape: tuple[int, int], workers: int,
@@ -470,19 +476,19 @@ def stream_rows(memory_limit: int, shape: tuple[int, int], workers: int,
 
     Through the page cache, strips of `STREAM_BYTES` per worker: the OS reads ahead, and
     small strips stay in the core's cache. Around it (`direct`), each frame's piece of a
-    strip is one read the disk serves alone, so strips are as tall as `DIRECT_BYTES` of one
-    frame, within `memory_limit`: per pixel, the running sums (8 bytes), the results (16,
-    as for every strip) and the frame's rows of each read in flight (2, `stream_ahead`).
+    strip is one read the disk serves alone, so strips are as tall as the budget allows, up
+    to `STREAM_DIRECT_BYTES` of a frame and four strips per worker: per pixel, the running
+    sums (8 bytes), the results (16, as for every strip) and the frame's rows of each read
+    in flight (2 x `STREAM_AHEAD`).
     """
     ny, nx = shape
     if not direct:
         return max(1, STREAM_BYTES // (nx * STREAM_BYTES_PER_PIXEL))
-    per_row = workers * nx * (STREAM_SUM_BYTES + 2 * stream_ahead(workers)
-                              + RESULT_BYTES_PER_PIXEL)
-    balanced = -(-ny // (4 * workers))  # every worker gets strips
+    per_row = workers * nx * (STREAM_SUM_BYTES + 2 * STREAM_AHEAD + RESULT_BYTES_PER_PIXEL)
+    balanced = -(-ny // (4 * workers))  # every worker gets strips; progress moves
     # At least a row: a budget that small is refused before (`rows_per_chunk`), or holds
     # a row of a block of frames, which is more than a row of sums.
-    return max(1, min(memory_limit // per_row, DIRECT_BYTES // (2 * nx), balanced))
+    return max(1, min(memory_limit // per_row, STREAM_DIRECT_BYTES // (2 * nx), balanced))
 
 
 #: Bytes of running sums and one frame's rows per streaming strip through the page cache

@@ -355,13 +355,14 @@ def test_a_failed_read_among_those_in_flight_is_named_and_leaves_none_running(fi
 def test_streaming_strips_around_the_page_cache_fit_the_budget_in_reads_of_direct_bytes(
         limit, ny, nx, workers):
     rows = io.stream_rows(limit, (ny, nx), workers, direct=True)
-    per_row = workers * nx * (io.STREAM_SUM_BYTES + 2 * io.stream_ahead(workers)
+    per_row = workers * nx * (io.STREAM_SUM_BYTES + 2 * io.STREAM_AHEAD
                               + io.RESULT_BYTES_PER_PIXEL)
-    assert rows == 1 or rows * per_row <= limit
-    assert rows == 1 or rows * nx * 2 <= io.DIRECT_BYTES  # one read per frame and strip
-    assert rows <= -(-ny // (4 * workers))  # every worker gets strips
-    assert rows + 1 > min(limit // per_row, io.DIRECT_BYTES // (2 * nx), -(-ny // (4 * workers)))
+    cap, balanced = io.STREAM_DIRECT_BYTES // (2 * nx), -(-ny // (4 * workers))
     assert rows >= 1
+    assert rows == 1 or rows * per_row <= limit
+    assert rows == 1 or rows * nx * 2 <= io.STREAM_DIRECT_BYTES  # one read per frame, strip
+    assert rows <= balanced  # every worker gets strips
+    assert rows + 1 > min(limit // per_row, cap, balanced)  # the tallest of those
     assert io.stream_rows(limit, (ny, nx), workers, direct=False) * nx * 10 <= max(
         io.STREAM_BYTES, nx * 10)
 
