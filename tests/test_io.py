@@ -304,19 +304,23 @@ def test_a_file_truncated_under_a_direct_read_is_named(fitsfile):
         reader.read(8, 12)
 
 
-@pytest.mark.parametrize("ahead", [1, 2, 3, 8])
-def test_frames_one_at_a_time_around_the_page_cache_are_every_frame_once(fitsfile, ahead):
+@pytest.mark.parametrize("ahead, dtype", [(1, np.uint16), (2, np.uint16), (3, np.uint16),
+                                          (8, np.uint16), (3, np.float32)])
+def test_frames_one_at_a_time_around_the_page_cache_are_every_frame_once(fitsfile, ahead,
+                                                                          dtype):
     """The streaming reductions' reads: every frame's rows exactly once, whatever order the
-    reads complete in, in buffers that are not written to once handed out."""
+    reads complete in, in buffers that are not written to once handed out (camera data
+    read in place; other types through a staging copy)."""
     stack = RNG.integers(0, 65535, size=(7, 40, 300)).astype(np.uint16)
     frames = [read_frame(fitsfile(f"s{i}.fits", stack[i], IMAGETYP="Bias Frame"))
               for i in range(len(stack))]
     _direct_or_skip(frames[0].path)
     seen = []
-    for rows in StripReader(tuple(frames), direct=True).frame_rows(5, 31, ahead=ahead):
-        seen.append(rows.copy())
+    for rows in StripReader(tuple(frames), direct=True).frame_rows(5, 31, dtype, ahead):
+        assert rows.dtype == dtype
+        seen.append(rows.astype(np.uint16))
         time.sleep(0.002)  # the reads in flight finish while the caller holds this one
-        np.testing.assert_array_equal(rows, seen[-1])
+        np.testing.assert_array_equal(rows.astype(np.uint16), seen[-1])
     assert sorted(r.tobytes() for r in seen) == sorted(f[5:31].tobytes() for f in stack)
 
 
