@@ -119,20 +119,6 @@ def locate(path: Path, job_id: str) -> tuple[int | str, int | str]:
     return 0, "NUSED" if "NUSED" in names else 1
 
 
-def iter_strips(frame: Frame, rows: int, margin: int = 0
-                ) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Yield ``(y0, y1, block)``: rows ``[y0, y1)`` plus up to `margin` rows each side.
-
-    The block starts at row ``max(0, y0 - margin)``; a caller that needs neighbours (a 3x3
-    median) takes them from the margin and keeps only its own rows.
-    """
-    reader = StripReader((frame,))
-    ny = frame.shape[0]
-    for y0, y1 in plan_strips(ny, max(1, rows)):
-        a, b = max(0, y0 - margin), min(ny, y1 + margin)
-        yield y0, y1, reader.read(a, b)[0]
-
-
 def threaded(fn: Callable, items: Iterable, workers: int) -> Iterator:
     """``map(fn, items)`` on up to `workers` threads, in order (`fn` releases the GIL:
     compiled loops, numpy). Items are taken from `items` as results are handed out, at most
