@@ -26,7 +26,6 @@ from stacker.io import (
     StripReader,
     pass_rows,
     plan_strips,
-    stream_rows,
 )
 from stacker.kernels import RunningSums
 
@@ -109,8 +108,7 @@ def reduce_stack(stack, kernel: Callable, prepare: Prepare | None = None):
 
 def combine_into(reader: StripReader, writer: MasterWriter, kernel: Callable, rows: int,
                  *, prepare: Prepare | None = None, num_workers: int = 1,
-                 progress: Callable[[int, int], None] | None = None,
-                 running_rows: int | None = None) -> MasterStats:
+                 progress: Callable[[int, int], None] | None = None) -> MasterStats:
     """Build the master: read, prepare, reduce and store strip by strip, in parallel.
 
     Each strip is one task that reads, reduces and writes it: the graph `frame_stack` ->
@@ -122,11 +120,11 @@ def combine_into(reader: StripReader, writer: MasterWriter, kernel: Callable, ro
 
     Parameters
     ----------
+    rows : int
+        Rows per strip: of a block of all the frames, or of running sums when the kernel
+        takes the frames one at a time (`streams`; `stacker.engine.strip_rows` gives both).
     progress : callable, optional
         ``progress(done, total)`` with the number of strips written, from 0.
-    running_rows : int, optional
-        Rows per strip when the kernel takes the frames one at a time (running sums);
-        by default `stacker.io.stream_rows` through the page cache.
 
     Returns
     -------
@@ -139,9 +137,7 @@ def combine_into(reader: StripReader, writer: MasterWriter, kernel: Callable, ro
     # Camera data (uint16) without a per-frame correction stay integers: no conversion, half
     # the bytes, and the kernels sort twice the pixels per instruction.
     dtype = reader.dtype if prepare is None else np.float32
-    running = getattr(kernel, "running", None)
-    if (running is not None and dtype == np.uint16 and n <= RunningSums.MAX_FRAMES
-            and running((1, 1)) is not None):
+    if streams(kernel, dtype, n):
         # Mean and one-value min/max of camera data: each frame's rows are added to running
         # sums as they are read; no block of N frames is built, so a strip can be tall
         # whatever N is, and tall strips mean few reads: their Python overhead, which holds
@@ -149,13 +145,12 @@ def combine_into(reader: StripReader, writer: MasterWriter, kernel: Callable, ro
         # Memory: whatever N, `stream_rows` (a few MB per worker through the page cache,
         # reads of up to 16 MiB per frame within the budget around it). Around the cache,
         # the frames' rows come from reads in flight on the reader threads, in whatever
-        # order they complete: 200 full frames not in the cache, mean, 13.2 s against
-        # 16.4-26 s through the cache (its CPU cost, and reclaiming it) and 13.0 s for
-        # reading the bytes alone.
-        if running_rows is None:
-            running_rows = stream_rows(0, (ny, nx), num_workers, direct=False)
-        tasks = [(_running_task, reader, writer, running, y0, y1, summary, STREAM_AHEAD)
-                 for y0, y1 in plan_strips(ny, running_rows)]
+        # order they complete: 200 full frames not in the cache, mean, 12.0-12.9 s against
+        # 16.4-26 s through the cache (its CPU cost, and reclaiming it); the disk reads
+        # them whole in 8.6-9.6 s.
+        tasks = [(_running_task, reader, writer, kernel.running, y0, y1, summary,
+                  STREAM_AHEAD)
+                 for y0, y1 in plan_strips(ny, rows)]
         blocks = None
     else:
         strips = plan_strips(ny, rows)
@@ -168,6 +163,15 @@ def combine_into(reader: StripReader, writer: MasterWriter, kernel: Callable, ro
         if blocks is not None:
             blocks.close()
     return summary.result(writer, rows, num_workers)
+
+
+def streams(kernel: Callable, dtype, n: int) -> bool:
+    """Whether `combine_into` reduces `n` frames of `dtype` one frame at a time into
+    running sums (the mean and one-value min/max of camera data), holding no block of all
+    the frames: its memory then does not grow with `n` (`stacker.io.stream_rows`)."""
+    running = getattr(kernel, "running", None)
+    return (running is not None and np.dtype(dtype) == np.uint16
+            and n <= RunningSums.MAX_FRAMES and running((1, 1)) is not None)
 
 
 def _run_tasks(tasks: list, num_workers: int,

@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +28,7 @@ from stacker.combine import (
     combine_into,
     normalize_in_place,
     sample_rows,
+    streams,
 )
 from stacker.errors import BuildError, StackerError
 from stacker.fitsheader import HeaderCards
@@ -198,16 +199,25 @@ def up_to_date(plan: Plan, settings: Settings,
     return {job_id: existing for job_id, existing in found.items() if existing is not None}
 
 
-def strip_rows(job: Job, settings: Settings, n_frames: int | None = None,
+def strip_rows(job: Job, settings: Settings, frames: Sequence[Frame] | None = None,
                direct: bool = False) -> int:
-    """Rows per strip for `job` under the memory budget (raises MemoryBudgetError); reading
-    `direct`ly, each worker has a second block, read ahead (`stacker.combine.StripBlocks`)."""
+    """Rows per strip for `job` (or its usable `frames`) under the memory budget (raises
+    MemoryBudgetError); reading `direct`ly, each worker has a second block, read ahead
+    (`stacker.combine.StripBlocks`). The mean and min/max of camera data hold running sums
+    instead of a block (`stacker.combine.streams`)."""
     from stacker.kernels import make_kernel
 
     kernel = make_kernel(settings.rejection_method, **settings.kernel_options())
     ny, nx = job.shape
-    n = n_frames or len(job.frames)
+    frames = tuple(job.frames if frames is None else frames)
+    n = len(frames)
     w = settings.resolved_num_workers
+    # Flats are corrected as they are read (float32); other frames keep their type.
+    dtype = np.float32 if job.kind == "flat" else StripReader(frames).dtype
+    if streams(kernel, dtype, n):
+        # No block of all N frames: the budget needs a row of running sums, whatever N
+        # (`combine_into`); these rows bound its read-back passes.
+        return stream_rows(settings.memory_limit, job.shape, w, direct, what=job.id)
     held = READ_BYTES_PER_VALUE + kernel.bytes_per_value
     rows = budget_rows(settings.memory_limit, n, nx, w, held, height=ny, what=job.id,
                        strip_cap=DIRECT_STRIP_CAP if direct else STRIP_CAP)
@@ -315,7 +325,7 @@ def build_master(job: Job, settings: Settings, path: Path, calibration: Path | N
     reader = StripReader(frames, direct=exceeds_page_cache(sum(f.nbytes for f in frames)))
     n, ny, nx = reader.shape
     w = settings.resolved_num_workers
-    rows = strip_rows(job, settings, n, reader.direct)
+    rows = strip_rows(job, settings, frames, reader.direct)
     levels = scales = None
     prepare = None
     if job.kind == "flat":
@@ -335,9 +345,7 @@ def build_master(job: Job, settings: Settings, path: Path, calibration: Path | N
         log.debug("%s: %d frames of %dx%d in strips of %d rows on %d workers%s", job.id, n,
                   nx, ny, rows, w, ", around the page cache" if reader.direct else "")
         stats = combine_into(reader, writer, kernel, rows, prepare=prepare, num_workers=w,
-                             progress=_job_progress(job.id, progress),
-                             running_rows=stream_rows(settings.memory_limit, (ny, nx), w,
-                                                      reader.direct))
+                             progress=_job_progress(job.id, progress))
         back = stats_rows(settings.memory_limit, nx)
         cards = _stat_cards(stats, n)
         if job.kind == "flat":

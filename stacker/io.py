@@ -469,26 +469,39 @@ STREAM_AHEAD = 4
 STREAM_DIRECT_BYTES = 16 * 2**20
 
 
-def stream_rows(memory_limit: int, shape: tuple[int, int], workers: int,
-                direct: bool) -> int:
+def stream_rows(memory_limit: int | None, shape: tuple[int, int], workers: int,
+                direct: bool, what: str = "this group") -> int:
     """Rows per strip of the streaming reductions (mean and one-value min/max of camera
-    data: running sums, one frame's uint16 rows at a time).
+    data: running sums, one frame's uint16 rows at a time), whatever the number of frames.
 
     Through the page cache, strips of `STREAM_BYTES` per worker: the OS reads ahead, and
     small strips stay in the core's cache. Around it (`direct`), each frame's piece of a
     strip is one read the disk serves alone, so strips are as tall as the budget allows, up
-    to `STREAM_DIRECT_BYTES` of a frame and four strips per worker: per pixel, the running
+    to `STREAM_DIRECT_BYTES` of a frame. Either way every worker gets four strips or more
+    (balance, progress), and the budget holds the strips in flight. Per pixel: the running
     sums (8 bytes), the results (16, as for every strip) and the frame's rows of each read
-    in flight (2 x `STREAM_AHEAD`).
+    (2, one read at a time through the cache, `STREAM_AHEAD` around it). `memory_limit`
+    None: no budget.
+
+    Raises
+    ------
+    MemoryBudgetError
+        When `memory_limit` cannot hold one row of running sums per worker.
     """
     ny, nx = shape
-    if not direct:
-        return max(1, STREAM_BYTES // (nx * STREAM_BYTES_PER_PIXEL))
-    per_row = workers * nx * (STREAM_SUM_BYTES + 2 * STREAM_AHEAD + RESULT_BYTES_PER_PIXEL)
+    ahead = STREAM_AHEAD if direct else 1
+    per_row = workers * nx * (STREAM_SUM_BYTES + 2 * ahead + RESULT_BYTES_PER_PIXEL)
+    budget = ny if memory_limit is None else int(memory_limit // per_row)
+    if budget < 1:
+        raise MemoryBudgetError(
+            f"memory_limit {_fmt(memory_limit)} cannot hold one row of the running sums of "
+            f"{what} ({workers} workers x {nx} px x {per_row // (workers * nx)} B = "
+            f"{_fmt(per_row)}); raise memory_limit to at least {_fmt(per_row)} or lower "
+            "num_workers")
     balanced = -(-ny // (4 * workers))  # every worker gets strips; progress moves
-    # At least a row: a budget that small is refused before (`rows_per_chunk`), or holds
-    # a row of a block of frames, which is more than a row of sums.
-    return max(1, min(memory_limit // per_row, STREAM_DIRECT_BYTES // (2 * nx), balanced))
+    cap = STREAM_DIRECT_BYTES // (2 * nx) if direct else \
+        STREAM_BYTES // (nx * STREAM_BYTES_PER_PIXEL)
+    return max(1, min(budget, cap, balanced))
 
 
 #: Bytes of running sums and one frame's rows per streaming strip through the page cache

@@ -194,10 +194,10 @@ def test_combine_into_writes_the_master_and_returns_its_exact_statistics(tmp_pat
     frames runs as running sums, here in strips of 3 rows."""
     reader = _reader(tmp_path, n=5, shape=(37, 11))
     assert reader.dtype == np.uint16
-    for kernel, strips in ((Mean(), 13), (MinMax(), 13), (SigmaClip(), 10)):
+    for kernel, rows, strips in ((Mean(), 3, 13), (MinMax(), 3, 13), (SigmaClip(), 4, 10)):
         w = MasterWriter.create(tmp_path / "c.fits", (37, 11), fits.Header(), fits.Header())
         seen: list[tuple[int, int]] = []
-        stats = combine_into(reader, w, kernel, rows=4, num_workers=2, running_rows=3,
+        stats = combine_into(reader, w, kernel, rows=rows, num_workers=2,
                              progress=lambda done, total, seen=seen: seen.append((done, total)))
         image, used = kernel(reader.read(0, 37))
         np.testing.assert_array_equal(w.read_image(0, 37), image)

@@ -358,17 +358,27 @@ def test_a_failed_read_among_those_in_flight_is_named_and_leaves_none_running(fi
        workers=st.integers(1, 8))
 def test_streaming_strips_around_the_page_cache_fit_the_budget_in_reads_of_direct_bytes(
         limit, ny, nx, workers):
-    rows = io.stream_rows(limit, (ny, nx), workers, direct=True)
     per_row = workers * nx * (io.STREAM_SUM_BYTES + 2 * io.STREAM_AHEAD
                               + io.RESULT_BYTES_PER_PIXEL)
+    try:
+        rows = io.stream_rows(limit, (ny, nx), workers, direct=True)
+    except MemoryBudgetError:
+        assert per_row > limit
+        return
     cap, balanced = io.STREAM_DIRECT_BYTES // (2 * nx), -(-ny // (4 * workers))
     assert rows >= 1
     assert rows == 1 or rows * per_row <= limit
     assert rows == 1 or rows * nx * 2 <= io.STREAM_DIRECT_BYTES  # one read per frame, strip
     assert rows <= balanced  # every worker gets strips
     assert rows + 1 > min(limit // per_row, cap, balanced)  # the tallest of those
-    assert io.stream_rows(limit, (ny, nx), workers, direct=False) * nx * 10 <= max(
-        io.STREAM_BYTES, nx * 10)
+    cached = io.stream_rows(limit, (ny, nx), workers, direct=False)  # needs less
+    assert cached == 1 or cached * nx * 10 <= io.STREAM_BYTES
+    assert cached == 1 or cached * workers * nx * (8 + 2 + 16) <= limit
+    assert cached <= balanced
+    with pytest.raises(MemoryBudgetError, match=r"memory_limit .* cannot hold one row of the "
+                                                r"running sums of dark_60s .* raise"):
+        io.stream_rows(workers * nx * 26 - 1, (ny, nx), workers, direct=False,
+                       what="dark_60s")
 
 
 def test_groups_larger_than_half_the_available_memory_go_around_the_page_cache():

@@ -289,6 +289,29 @@ def test_a_budget_below_one_row_fails_before_reading(raw, tmp_path):
     assert not list((tmp_path / "out").glob("*.fits"))
 
 
+def test_the_mean_of_camera_frames_needs_a_row_of_sums_not_a_row_of_every_frame(raw,
+                                                                                 tmp_path):
+    """The mean and min/max of uint16 frames add them one at a time to running sums: a
+    budget below one row of all N frames still builds them (in one-row strips, the same
+    masters), and refuses the sigma clip, which holds every frame's rows."""
+    limit = 5000  # a row of the 12 bias frames: 2 x 56 x (12 x 4 + 16) = 7168 B; of sums 2912
+    for method in ("mean", "minmax"):
+        small = MasterFrameCreator(config(raw, tmp_path / method, rejection_method=method,
+                                          memory_limit=limit, num_workers=2)
+                                   ).create_master_bias()
+        assert small.success, small.message
+        big = MasterFrameCreator(config(raw, tmp_path / f"{method}-1GB",
+                                        rejection_method=method, num_workers=2)
+                                 ).create_master_bias()
+        mine, theirs = built(small)["bias"], built(big)["bias"]
+        assert mine["stats"]["rows_per_strip"] == 1 < theirs["stats"]["rows_per_strip"]
+        np.testing.assert_array_equal(data(mine["path"]), data(theirs["path"]))
+        np.testing.assert_array_equal(data(mine["path"], 1), data(theirs["path"], 1))
+    clip = MasterFrameCreator(config(raw, tmp_path / "clip", memory_limit=limit,
+                                     num_workers=2)).create_master_bias()
+    assert not clip.success and "cannot hold one row of all 12 frames" in clip.message
+
+
 def test_min_frames_refuses_small_groups_and_the_rest_is_built(raw, tmp_path):
     status = MasterFrameCreator(config(raw, tmp_path, min_frames=N + 1)).create_master_darks()
     assert not status.success and status.data["files"] == []
