@@ -131,12 +131,14 @@ def median_in_place(work):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
-def sample_pass(values, raw, top, finite, work):  # pragma: no cover - compiled
+def sample_pass(values, raw, top, finite, work, raw_work):  # pragma: no cover - compiled
     """One pass over a frame's sample (1-D float32 `values`, and `raw` before subtraction):
     its finite values copied, in order, into `finite` and `work` (for a selection that
-    reorders it), and ``(count, mean, std, min, max, raw values >= top)``; mean and
-    population std in float64 from sums shifted by the first finite value (no
-    cancellation at a flat's level)."""
+    reorders it), the raw values at the same places into `raw_work` (when it is not empty),
+    and ``(count, mean, std, min, max, raw values >= top)``; mean and population std in
+    float64 from sums shifted by the first finite value (no cancellation at a flat's
+    level)."""
+    keep_raw = raw_work.size > 0
     n = 0
     shift = 0.0
     s1 = 0.0
@@ -153,6 +155,8 @@ def sample_pass(values, raw, top, finite, work):  # pragma: no cover - compiled
                 shift = np.float64(x)
             finite[n] = x
             work[n] = x
+            if keep_raw:
+                raw_work[n] = raw[i]
             n += 1
             d = np.float64(x) - shift
             s1 += d
