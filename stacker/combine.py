@@ -14,19 +14,14 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import numpy as np
 
-from stacker.io import (
-    STREAM_AHEAD,
-    MasterWriter,
-    StripReader,
-    pass_rows,
-    plan_strips,
-)
+from stacker.io import MasterWriter, StripReader, pass_rows, plan_strips
 from stacker.kernels import RunningSums
 
 #: Pixels sampled per frame to measure a flat's level (evenly spaced full rows).
@@ -148,8 +143,7 @@ def combine_into(reader: StripReader, writer: MasterWriter, kernel: Callable, ro
         # order they complete: 200 full frames not in the cache, mean, 12.0-12.9 s against
         # 16.4-26 s through the cache (its CPU cost, and reclaiming it); the disk reads
         # them whole in 8.6-9.6 s.
-        tasks = [(_running_task, reader, writer, kernel.running, y0, y1, summary,
-                  STREAM_AHEAD)
+        tasks = [(_running_task, reader, writer, kernel.running, y0, y1, summary)
                  for y0, y1 in plan_strips(ny, rows)]
         blocks = None
     else:
@@ -202,10 +196,10 @@ def _run_tasks(tasks: list, num_workers: int,
 
 
 def _running_task(reader: StripReader, writer: MasterWriter, running: Callable, y0: int,
-                  y1: int, summary: StripSummary, ahead: int) -> None:
+                  y1: int, summary: StripSummary) -> None:
     _, _, nx = reader.shape
     sums = running((y1 - y0, nx))
-    for rows in reader.frame_rows(y0, y1, np.uint16, ahead):
+    for rows in reader.frame_rows(y0, y1, np.uint16):
         sums.add(rows)  # integer sums and extremes: the frames' order does not matter
     image, used = sums.result()
     writer.write(y0, image, used)
@@ -450,12 +444,31 @@ def _readback_strips(writer: MasterWriter, rows: int) -> list[tuple[int, int]]:
 
 
 def _on_threads(fn: Callable, items: Sequence, workers: int, name: str) -> list:
-    """``[fn(item) for item in items]``, on up to `workers` threads (the work releases the
-    GIL: file reads and writes, compiled loops, numpy)."""
-    if workers <= 1 or len(items) < 2:
-        return [fn(item) for item in items]
-    with ThreadPoolExecutor(min(workers, len(items)), thread_name_prefix=name) as pool:
-        return list(pool.map(fn, items))
+    """``[fn(item) for item in items]``, on up to `workers` threads (`threaded`)."""
+    return list(threaded(fn, items, min(workers, len(items)), name))
+
+
+def threaded(fn: Callable, items: Iterable, workers: int,
+             name: str = "stacker-pass") -> Iterator:
+    """``map(fn, items)`` on up to `workers` threads, in order (`fn` releases the GIL: file
+    reads and writes, compiled loops, numpy). Items are taken from `items` as results are
+    handed out, at most ``2 * workers`` at a time, so a pass over strips holds a few strips,
+    not the image."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix=name) as pool:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 #: Bins of the first-level histogram of a strip summary (the top 16 bits of a key).
 KEY_BINS = 1 << 16

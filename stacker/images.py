@@ -9,7 +9,7 @@ any image HDU into a `Frame` that `StripReader` reads with positioned reads.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 
@@ -117,30 +117,6 @@ def locate(path: Path, job_id: str) -> tuple[int | str, int | str]:
     if name in names:
         return name, f"{name}_NUSED"
     return 0, "NUSED" if "NUSED" in names else 1
-
-
-def threaded(fn: Callable, items: Iterable, workers: int) -> Iterator:
-    """``map(fn, items)`` on up to `workers` threads, in order (`fn` releases the GIL:
-    compiled loops, numpy). Items are taken from `items` as results are handed out, at most
-    ``2 * workers`` at a time, so a pass over strips holds a few strips, not the image."""
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(workers, thread_name_prefix="stacker-pass") as pool:
-        pending: deque = deque()
-        try:
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
 
 
 def read_rows(frame: Frame, rows) -> np.ndarray:

@@ -196,7 +196,7 @@ class StripReader:
         An array is valid until the next one is asked for (buffers are reused). Through the
         page cache the frames come in order, read one at a time (the OS reads ahead).
         Around it (`direct`) they come in the order their reads complete, `ahead` reads in
-        flight on the reader threads (`DIRECT_THREADS` by default): one at a time, each
+        flight on the reader threads (`STREAM_AHEAD` by default): one at a time, each
         ``O_DIRECT`` read would wait for the disk alone.
 
         Raises
@@ -206,7 +206,7 @@ class StripReader:
             buffer when it is raised (or when the caller stops early).
         """
         n, _, nx = self.shape
-        ahead = DIRECT_THREADS if ahead is None else ahead
+        ahead = STREAM_AHEAD if ahead is None else ahead
         if not self.direct or n < 2 or ahead < 2:
             rows = np.empty((y1 - y0, nx), dtype)
             for frame in self.frames:
@@ -217,22 +217,19 @@ class StripReader:
 
         # Camera data are read into the buffer itself and converted where they lie (no
         # staging copy, and no 16 MiB staging buffer kept by every reader thread).
-        in_place = np.dtype(dtype) == np.uint16 and self.dtype == np.uint16
-        if in_place:
+        k = min(n, ahead)
+        if np.dtype(dtype) == np.uint16 and self.dtype == np.uint16:
             size = (y1 - y0) * self.frames[0].row_nbytes + 2 * DIRECT_ALIGN
+            buffers = [_aligned(size) for _ in range(k)]
 
             def read(frame: Frame, buffer: np.ndarray) -> np.ndarray:
                 return read_rows_direct(frame, y0, y1, buffer)
-
-            def new_buffer() -> np.ndarray:
-                return _aligned(size)
         else:
+            buffers = [np.empty((y1 - y0, nx), dtype) for _ in range(k)]
+
             def read(frame: Frame, buffer: np.ndarray) -> np.ndarray:
                 read_rows_into(frame, y0, y1, buffer, direct=True)
                 return buffer
-
-            def new_buffer() -> np.ndarray:
-                return np.empty((y1 - y0, nx), dtype)
 
         pool, todo, pending = _direct_pool(), iter(self.frames), {}
 
@@ -241,8 +238,8 @@ class StripReader:
             if frame is not None:
                 pending[pool.submit(read, frame, buffer)] = buffer
 
-        for _ in range(min(n, ahead)):
-            start(new_buffer())
+        for buffer in buffers:
+            start(buffer)
         try:
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -401,12 +398,9 @@ def _read_rows_into(frame: Frame, y0: int, y1: int, out: np.ndarray,
     # would send every byte to memory and back (2.9x slower at 327 rows of 4096 px than in
     # pieces of 64).
     step = max(1, STAGING_BYTES // row)
-    fd = _open_direct(frame.path) if direct else None
-    aligned = fd is not None
+    fd, aligned = _open_rows(frame.path, direct)
     # Around the page cache, each read is a request the worker waits for: fewer, larger ones.
     chunk = max(step, DIRECT_BYTES // row // step * step) if aligned else step
-    if fd is None:
-        fd = os.open(frame.path, os.O_RDONLY)
     try:
         for a in range(y0, y1, chunk):
             b = min(a + chunk, y1)
@@ -416,8 +410,7 @@ def _read_rows_into(frame: Frame, y0: int, y1: int, out: np.ndarray,
                 buf = _staging((b - a) * row)
                 complete = os.preadv(fd, [buf], frame.data_offset + a * row) == buf.size
             if not complete:
-                raise FrameReadError(frame.path, "file is shorter than its header says "
-                                                 "(truncated since it was scanned?)")
+                raise FrameReadError(frame.path, SHORT_FILE)
             for c in range(a, b, step):
                 d = min(c + step, b)
                 raw = buf[(c - a) * row : (d - a) * row].view(frame.stored_dtype)
@@ -427,11 +420,14 @@ def _read_rows_into(frame: Frame, y0: int, y1: int, out: np.ndarray,
         os.close(fd)
 
 
-#: Largest read when reading around the page cache (``O_DIRECT``, `read_rows_into`). Each
-#: read is a request the disk serves alone: reading 16 MiB pieces of 200 full frames (24 GB)
-#: on 8 threads took 10.7-11.6 s here, 4 MiB pieces 16.2 s (whole files in 4 MiB reads on 8
-#: threads: 13.0-13.4 s). Only the streaming reductions read that much of a frame at once
-#: (`stream_rows`); a block's strips are shorter.
+#: Largest read when reading around the page cache (``O_DIRECT``): a piece of `read_rows_into`,
+#: and the most of one frame a streaming strip reads (`stream_rows`). Each read is a request
+#: the disk serves alone: 16 MiB pieces of 200 full frames (24 GB) on 8 threads took
+#: 10.7-11.6 s here, 4 MiB pieces 16.2 s. Read alone, taller pieces went faster still
+#: (strips of 799 / 954 / 1597 / 3194 rows, 15 / 18 / 31 / 61 MB a frame: 10.5 / 10.1-10.2 /
+#: 9.1-9.8 / 8.5-9.3 s), but in a whole mean 31 MB pieces 2 at a time took 12.9-13.4 s and
+#: 700 MB, 16 MiB pieces 4 at a time 12.2-12.6 s and 450-470 MB. A block's strips are
+#: shorter than this.
 DIRECT_BYTES = 16 * 2**20
 #: Alignment of ``O_DIRECT`` offsets, lengths and buffers (the largest logical block size).
 DIRECT_ALIGN = 4096
@@ -460,13 +456,6 @@ _DIRECT_POOL = None
 #: Reads in flight per worker of the streaming reductions around the page cache
 #: (`StripReader.frame_rows`).
 STREAM_AHEAD = 4
-#: Largest piece of one frame a streaming strip reads around the page cache. Read alone,
-#: taller pieces went faster (200 full frames not in the cache, strips of 799 / 954 / 1597 /
-#: 3194 rows, 15 / 18 / 31 / 61 MB a frame: 10.5 / 10.1-10.2 / 9.1-9.8 / 8.5-9.3 s); in a
-#: whole mean, 31 MB pieces 2 at a time took 12.9-13.4 s and 700 MB, 16 MiB pieces 4 at a
-#: time 12.2-12.6 s and 450-470 MB: the running sums of a taller strip no longer stay in
-#: the core's cache.
-STREAM_DIRECT_BYTES = 16 * 2**20
 
 
 def stream_rows(memory_limit: int | None, shape: tuple[int, int], workers: int,
@@ -477,7 +466,7 @@ def stream_rows(memory_limit: int | None, shape: tuple[int, int], workers: int,
     Through the page cache, strips of `STREAM_BYTES` per worker: the OS reads ahead, and
     small strips stay in the core's cache. Around it (`direct`), each frame's piece of a
     strip is one read the disk serves alone, so strips are as tall as the budget allows, up
-    to `STREAM_DIRECT_BYTES` of a frame. Either way every worker gets four strips or more
+    to `DIRECT_BYTES` of a frame. Either way every worker gets four strips or more
     (balance, progress), and the budget holds the strips in flight. Per pixel: the running
     sums (8 bytes), the results (16, as for every strip) and the frame's rows of each read
     (2, one read at a time through the cache, `STREAM_AHEAD` around it). `memory_limit`
@@ -489,17 +478,17 @@ def stream_rows(memory_limit: int | None, shape: tuple[int, int], workers: int,
         When `memory_limit` cannot hold one row of running sums per worker.
     """
     ny, nx = shape
-    ahead = STREAM_AHEAD if direct else 1
-    per_row = workers * nx * (STREAM_SUM_BYTES + 2 * ahead + RESULT_BYTES_PER_PIXEL)
+    per_pixel = STREAM_SUM_BYTES + 2 * (STREAM_AHEAD if direct else 1) + RESULT_BYTES_PER_PIXEL
+    per_row = workers * nx * per_pixel
     budget = ny if memory_limit is None else int(memory_limit // per_row)
     if budget < 1:
         raise MemoryBudgetError(
             f"memory_limit {_fmt(memory_limit)} cannot hold one row of the running sums of "
-            f"{what} ({workers} workers x {nx} px x {per_row // (workers * nx)} B = "
+            f"{what} ({workers} workers x {nx} px x {per_pixel} B = "
             f"{_fmt(per_row)}); raise memory_limit to at least {_fmt(per_row)} or lower "
             "num_workers")
     balanced = -(-ny // (4 * workers))  # every worker gets strips; progress moves
-    cap = STREAM_DIRECT_BYTES // (2 * nx) if direct else \
+    cap = DIRECT_BYTES // (2 * nx) if direct else \
         STREAM_BYTES // (nx * STREAM_BYTES_PER_PIXEL)
     return max(1, min(budget, cap, balanced))
 
@@ -542,42 +531,51 @@ def read_rows_direct(frame: Frame, y0: int, y1: int, buffer: np.ndarray) -> np.n
     from stacker._fast import uint16_from_fits
 
     row = frame.row_nbytes
-    offset, nbytes = frame.data_offset + y0 * row, (y1 - y0) * row
-    fd = _open_direct(frame.path)
-    # Without O_DIRECT the same bytes through the cache, from where they start.
-    start = offset - offset % DIRECT_ALIGN if fd is not None else offset
-    stop = -(-(offset + nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN if fd is not None else \
-        offset + nbytes
     try:
-        if fd is None:
-            fd = os.open(frame.path, os.O_RDONLY)
+        # Without O_DIRECT the same aligned blocks, through the cache.
+        fd, _ = _open_rows(frame.path, direct=True)
         try:
-            got = os.preadv(fd, [buffer[: stop - start]], start)
+            raw, complete = _read_aligned(fd, frame.data_offset + y0 * row, (y1 - y0) * row,
+                                          buffer)
         finally:
             os.close(fd)
     except OSError as exc:
         raise FrameReadError(frame.path, f"cannot be read ({exc.strerror or exc})") from exc
-    head = offset - start
-    if got < head + nbytes:
-        raise FrameReadError(frame.path, "file is shorter than its header says "
-                                         "(truncated since it was scanned?)")
-    words = buffer[head : head + nbytes].view(np.uint16).reshape(y1 - y0, frame.shape[1])
+    if not complete:
+        raise FrameReadError(frame.path, SHORT_FILE)
+    words = raw.view(np.uint16).reshape(y1 - y0, frame.shape[1])
     uint16_from_fits(words, words)  # element by element: in place is safe
     return words
 
 
-def _aligned(nbytes: int) -> np.ndarray:
-    """A fresh byte buffer starting at a multiple of `DIRECT_ALIGN`."""
-    raw = np.empty(nbytes + DIRECT_ALIGN - 1, np.uint8)
-    return raw[(-raw.ctypes.data) % DIRECT_ALIGN :][:nbytes]
+#: Why a frame's rows cannot all be read.
+SHORT_FILE = "file is shorter than its header says (truncated since it was scanned?)"
 
 
-def _read_aligned(fd: int, offset: int, nbytes: int) -> tuple[np.ndarray, bool]:
+def _open_rows(path: Path, direct: bool) -> tuple[int, bool]:
+    """`path` opened for reading rows: around the page cache when `direct` and the system
+    allows it (`_open_direct`), else through it; and whether it is the former (reads must
+    then be aligned, `_read_aligned`)."""
+    fd = _open_direct(path) if direct else None
+    if fd is not None:
+        return fd, True
+    return os.open(path, os.O_RDONLY), False
+
+
+def _aligned(nbytes: int, align: int = DIRECT_ALIGN) -> np.ndarray:
+    """A fresh byte buffer starting at a multiple of `align`."""
+    raw = np.empty(nbytes + align - 1, np.uint8)
+    return raw[(-raw.ctypes.data) % align :][:nbytes]
+
+
+def _read_aligned(fd: int, offset: int, nbytes: int,
+                  buffer: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
     """Bytes ``[offset, offset + nbytes)`` of an ``O_DIRECT`` file: the aligned blocks around
-    them are read into an aligned per-thread buffer. Returns (bytes, all of them read)."""
+    them are read into `buffer` (aligned, the bytes plus two blocks) or an aligned per-thread
+    buffer. Returns (bytes, all of them read)."""
     start = offset - offset % DIRECT_ALIGN
     stop = -(-(offset + nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN
-    buf = _staging(stop - start, DIRECT_ALIGN)
+    buf = _staging(stop - start, DIRECT_ALIGN) if buffer is None else buffer[: stop - start]
     got = os.preadv(fd, [buf], start)
     head = offset - start
     return buf[head : head + nbytes], got >= head + nbytes
@@ -628,8 +626,7 @@ def _staging(nbytes: int, align: int = 1) -> np.ndarray:
     name = f"buf{align}"
     buf = getattr(_local, name, None)
     if buf is None or buf.size < nbytes:
-        raw = np.empty(nbytes + align - 1, np.uint8)
-        buf = raw[(-raw.ctypes.data) % align :][:nbytes]
+        buf = _aligned(nbytes, align)
         setattr(_local, name, buf)
     return buf[:nbytes]
 

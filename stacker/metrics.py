@@ -39,16 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stacker.combine import sample_rows
+from stacker.combine import sample_rows, threaded
 from stacker.frames import Frame
-from stacker.images import (
-    block_mean,
-    image_frame,
-    locate,
-    profile_means,
-    read_rows,
-    threaded,
-)
+from stacker.images import block_mean, image_frame, locate, profile_means, read_rows
 from stacker.io import StripReader, pass_rows, plan_strips, stats_rows
 from stacker.qc import clipped_stats
 

@@ -365,10 +365,10 @@ def test_streaming_strips_around_the_page_cache_fit_the_budget_in_reads_of_direc
     except MemoryBudgetError:
         assert per_row > limit
         return
-    cap, balanced = io.STREAM_DIRECT_BYTES // (2 * nx), -(-ny // (4 * workers))
+    cap, balanced = io.DIRECT_BYTES // (2 * nx), -(-ny // (4 * workers))
     assert rows >= 1
     assert rows == 1 or rows * per_row <= limit
-    assert rows == 1 or rows * nx * 2 <= io.STREAM_DIRECT_BYTES  # one read per frame, strip
+    assert rows == 1 or rows * nx * 2 <= io.DIRECT_BYTES  # one read per frame, strip
     assert rows <= balanced  # every worker gets strips
     assert rows + 1 > min(limit // per_row, cap, balanced)  # the tallest of those
     cached = io.stream_rows(limit, (ny, nx), workers, direct=False)  # needs less
