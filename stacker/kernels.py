@@ -46,7 +46,7 @@ NETWORK_MAX_FRAMES = 1024
 
 
 @functools.lru_cache(maxsize=16)
-def _network(n: int) -> np.ndarray:
+def _network(n: int) -> tuple[np.ndarray, np.ndarray]:
     from stacker import _fast
 
     return _fast.network(n)
@@ -62,8 +62,11 @@ def _prepared(block: np.ndarray):
 
 
 def _fill(block: np.ndarray):
-    """What a missing value becomes in a sorted tile: +inf (sorts last); integers have none."""
-    return block.dtype.type(np.inf) if block.dtype.kind == "f" else block.dtype.type(0)
+    """What a missing value becomes in a sorted tile, and what pads it: +inf (sorts last);
+    for integers, which have no missing values, their largest value."""
+    if block.dtype.kind == "f":
+        return block.dtype.type(np.inf)
+    return block.dtype.type(np.iinfo(block.dtype).max)
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +141,7 @@ class SigmaClip:
         block, image, used = _prepared(block)
         iterations = -1 if self.max_iterations is None else self.max_iterations
         if self.stddev == "std" and block.shape[0] <= NETWORK_MAX_FRAMES:
-            _fast.sigma_clip_sorted(block, _network(block.shape[0]), _fill(block),
+            _fast.sigma_clip_sorted(block, *_network(block.shape[0]), _fill(block),
                                     float(self.sigma_low),
                                     float(self.sigma_high), self.center == "mean", iterations,
                                     image, used)
@@ -239,7 +242,7 @@ class MinMax:
                 _fast.minmax(block, self.nlow, self.nhigh, image, used)
             return image, used
         if block.shape[0] <= NETWORK_MAX_FRAMES:
-            _fast.trimmed_sorted(block, _network(block.shape[0]), _fill(block), self.nlow,
+            _fast.trimmed_sorted(block, *_network(block.shape[0]), _fill(block), self.nlow,
                                  self.nhigh, False, image, used)
         else:
             _fast.minmax(block, self.nlow, self.nhigh, image, used)
@@ -258,7 +261,7 @@ class Median:
 
         block, image, used = _prepared(block)
         if block.shape[0] <= NETWORK_MAX_FRAMES:
-            _fast.trimmed_sorted(block, _network(block.shape[0]), _fill(block), 0, 0, True,
+            _fast.trimmed_sorted(block, *_network(block.shape[0]), _fill(block), 0, 0, True,
                                  image, used)
         else:
             _fast.median(block, image, used)

@@ -10,7 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from stacker._fast import network
+from stacker._fast import GROUP, comparators, network_rows
 from stacker.kernels import (
     NETWORK_MAX_FRAMES,
     Mean,
@@ -171,12 +171,16 @@ def test_only_one_value_each_way_runs_as_sums():
 @example(1, 0)
 @example(NETWORK_MAX_FRAMES, 0)
 def test_network_sorts_every_column(n, seed):
-    """The truncated Batcher network sorts n values (random data, with ties)."""
+    """The tile network (groups sorted and half-cleaned in registers, bitonic merges of
+    mirrored rows between them) sorts n values padded with +inf (random data, with ties)."""
     rng = np.random.default_rng(seed)
-    data = rng.integers(0, max(2, n // 3), (n, 64)).astype(np.float32)
+    rows = network_rows(n)
+    assert rows % GROUP == 0 and n <= rows < n + GROUP
+    data = np.full((rows, 64), np.inf, np.float32)
+    data[:n] = rng.integers(0, max(2, n // 3), (n, 64))
     sorted_ = data.copy()
-    for a, b in network(n):
-        assert 0 <= a < b < n
+    for a, b in comparators(n):
+        assert 0 <= a < b < rows
         low = np.minimum(sorted_[a], sorted_[b])
         sorted_[b] = np.maximum(sorted_[a], sorted_[b])
         sorted_[a] = low
@@ -193,35 +197,63 @@ def test_network_sorts_every_column(n, seed):
 def test_compiled_tiles_sort_like_numpy(block, dtype):
     """The compiled tile sort (float32 as order-preserving integer keys) orders every column
     as np.sort does, NaN as the +inf fill, including -0.0, infinities and subnormals."""
-    from stacker._fast import TILE, _sorted_tile
+    from stacker._fast import TILE, _new_tile, _sorted_tile, network
     from stacker.kernels import _fill
 
     if dtype == np.uint16:
         block = np.nan_to_num(block, nan=0, posinf=0, neginf=0)
         block = np.abs(block).clip(0, 65535).astype(np.uint16)
     n, _, w = block.shape
-    tile = np.empty((n, TILE), block.dtype)
+    tile = _new_tile(n, _fill(block))
     count = np.empty(TILE, np.int64)
     for x0 in range(0, w, TILE):
-        _sorted_tile(block, 0, x0, network(n), _fill(block), tile, count)
+        _sorted_tile(block, 0, x0, *network(n), tile, count)
         m = min(TILE, w - x0)
         part = block[:, 0, x0:x0 + m]
         expected = np.sort(np.where(np.isnan(part), np.inf, part) if dtype != np.uint16
                            else part, axis=0)
-        np.testing.assert_array_equal(tile[:, :m], expected)
+        np.testing.assert_array_equal(tile[:n, :m], expected)
+        assert (tile[n:] == _fill(block)).all()  # the padding sorts last and stays
         if dtype != np.uint16:
             np.testing.assert_array_equal(count[:m], (~np.isnan(part)).sum(axis=0))
 
 
-@pytest.mark.parametrize("n", range(1, 13))
+@pytest.mark.parametrize("n", [*range(1, 21), 31, 33])
 def test_network_sorts_every_zero_one_sequence(n):
-    """The 0-1 principle: a network that sorts all 2^n sequences of 0 and 1 sorts anything."""
-    data = ((np.arange(2**n)[None, :] >> np.arange(n)[:, None]) & 1).astype(np.int8)
-    for a, b in network(n):
+    """The 0-1 principle: a network that sorts all 2^k sequences of 0 and 1 sorts anything.
+    Up to 20 values (a group, and a merge of two groups of which the second is mostly
+    padding); 31 and 33 on random sequences only, 2^16 of them."""
+    rows = network_rows(n)
+    if n <= 20:
+        data = ((np.arange(2**n)[None, :] >> np.arange(n)[:, None]) & 1).astype(np.int8)
+    else:
+        data = np.random.default_rng(n).integers(0, 2, (n, 2**16)).astype(np.int8)
+    data = np.concatenate([data, np.ones((rows - n, data.shape[1]), np.int8)])
+    for a, b in comparators(n):
         low = np.minimum(data[a], data[b])
         data[b] = np.maximum(data[a], data[b])
         data[a] = low
     assert (np.diff(data, axis=0) >= 0).all()
+
+
+def test_register_kernels_are_the_generated_source():
+    """`stacker._registers` is generated: the file must be what its generator writes."""
+    from pathlib import Path
+
+    from stacker import _fast, _registers
+
+    assert Path(_registers.__file__).read_text() == _fast.register_source(), (
+        "regenerate stacker/_registers.py from stacker._fast.register_source()")
+
+
+def test_sigma_clip_sums_again_when_the_rejected_values_held_the_sum_of_squares():
+    """A clip iteration subtracts what it rejected from the running moments; when that was
+    nearly all of the sum of squares (a 1e18 outlier: its square's rounding is as large as
+    all the other terms, values of ~2e9), the difference would be rounding noise, and the
+    kept values are summed again instead (without: 47 frames kept instead of 49 here)."""
+    block = np.random.default_rng(0).normal(0, 2e9, (50, 1, 8)).astype(np.float32)
+    block[7] = 1e18
+    assert_same(SigmaClip()(block), sigma_clip_reference(block), block)
 
 
 def test_stacks_beyond_the_network_use_selections_with_the_same_result():
