@@ -138,6 +138,36 @@ def median_in_place(work):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
+def window_moments(values, centre, halfwidth):  # pragma: no cover - compiled
+    """(count, mean, std) of the values v with ``abs(v - centre) <= halfwidth``, the test
+    made in the values' own type, as numpy's ``values[np.abs(values - centre) <= h]``
+    with `centre` and `halfwidth` of that type; the moments in float64, about `centre`.
+    One pass instead of numpy's difference, absolute value, mask, copy, mean and std."""
+    n = 0
+    s1 = 0.0
+    s2 = 0.0
+    for v in values:
+        if abs(v - centre) <= halfwidth:
+            d = np.float64(v) - np.float64(centre)
+            n += 1
+            s1 += d
+            s2 += d * d
+    if n == 0:
+        return 0, np.nan, np.nan
+    m = s1 / n
+    return n, np.float64(centre) + m, np.sqrt(max(s2 / n - m * m, 0.0))
+
+
+@njit(nogil=True, cache=True)
+def deviation_median(values, centre, work):  # pragma: no cover - compiled
+    """``np.median(np.abs(values - centre))`` of finite float32 `values` (`centre` float32),
+    through `work` (as long as `values`) by `median_in_place`: no temporaries."""
+    for i in range(values.size):
+        work[i] = abs(values[i] - centre)
+    return median_in_place(work)
+
+
+@njit(nogil=True, cache=True)
 def sample_pass(values, raw, top, finite, work, raw_work):  # pragma: no cover - compiled
     """One pass over a frame's sample (1-D float32 `values`, and `raw` before subtraction):
     its finite values copied, in order, into `finite` and `work` (for a selection that

@@ -109,18 +109,29 @@ def clipped_stats(values: np.ndarray, sigma: float = 5.0, iterations: int = 2,
     rays); the answer is continuous even for integer data, whose MAD jumps in whole steps.
     `median`, when the caller has it, saves computing it again.
     """
+    from stacker._fast import deviation_median, window_moments
+
     if values.size == 0:
         return float("nan"), float("nan")
+    # Compiled passes (`window_moments`): numpy's masks, copies and float32 reductions took
+    # 5.6 ms of the ~7 ms measuring a dark frame's 262 144 sampled pixels.
+    values = np.ascontiguousarray(values).ravel()
+    if values.dtype not in (np.float32, np.float64):
+        values = values.astype(np.float64)
+    kind = values.dtype.type
     centre = _median(values) if median is None else median
-    spread = MAD_TO_SIGMA * _median(np.abs(values - centre))
+    if values.dtype == np.float32:
+        mad = deviation_median(values, kind(centre), np.empty_like(values))
+    else:
+        mad = float(np.median(np.abs(values - centre)))
+    spread = MAD_TO_SIGMA * mad
     if spread == 0:
         spread = float(values.std())
-    kept = values
     for _ in range(iterations):
-        kept = values[np.abs(values - centre) <= sigma * spread]
-        if kept.size == 0:
+        n, mean, std = window_moments(values, kind(centre), kind(sigma * spread))
+        if n == 0:
             return centre, 0.0
-        centre, spread = float(kept.mean()), float(kept.std())
+        centre, spread = float(mean), float(std)
         if spread == 0:
             break
     return centre, spread

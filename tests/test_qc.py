@@ -140,6 +140,54 @@ def test_too_few_usable_frames_say_why_and_other_groups_go_on(faulty, tmp_path):
     assert state == {"bias": "failed", "dark_30.000s": "built", "flat_L_1.000s": "failed"}
 
 
+def clipped_stats_reference(values, sigma=5.0, iterations=2):
+    """`clipped_stats` in numpy, straight from its docstring (moments in float64)."""
+    centre = float(np.median(values))
+    spread = 1.4826 * float(np.median(np.abs(values - centre)))
+    if spread == 0:
+        spread = float(values.std())
+    for _ in range(iterations):
+        kept = values[np.abs(values - centre) <= sigma * spread].astype(np.float64)
+        if kept.size == 0:
+            return centre, 0.0
+        centre, spread = float(kept.mean()), float(kept.std())
+        if spread == 0:
+            break
+    return centre, spread
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 3000), st.integers(0, 2**32 - 1), st.sampled_from([0.0, 0.01, 0.2]),
+       st.booleans(), st.sampled_from([np.float32, np.float64]),
+       st.sampled_from([1.0, 3.0, 5.0]), st.integers(1, 3))
+@example(10, 0, 0.0, True, np.float32, 5.0, 2)
+def test_clipped_stats_match_numpy(n, seed, outliers, integer, dtype, sigma, iterations):
+    """The compiled passes keep the values numpy's masks keep: the same statistics, on
+    noise with hot pixels, integer (camera) values or not."""
+    rng = np.random.default_rng(seed)
+    values = rng.normal(500, rng.choice([0.3, 3.0, 40.0]), n)
+    hit = rng.random(n) < outliers
+    values[hit] = rng.choice([0.0, 6e4, 1e3], n)[hit]
+    values = (np.rint(values) if integer else values).astype(dtype)
+    got = clipped_stats(values, sigma, iterations)
+    expected = clipped_stats_reference(values, sigma, iterations)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9 * 6e4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, st.integers(0, 500), elements=st.integers(-20, 20)),
+       st.integers(-5, 5), st.integers(0, 8))
+def test_window_moments_keep_the_values_on_the_window_edges(values, centre, halfwidth):
+    """Integer values, centre and half-width: many values lie exactly on the edges."""
+    from stacker._fast import window_moments
+
+    kept = values[np.abs(values - centre) <= halfwidth].astype(np.float64)
+    n, mean, std = window_moments(values, np.float32(centre), np.float32(halfwidth))
+    assert n == kept.size
+    if n:
+        np.testing.assert_allclose([mean, std], [kept.mean(), kept.std()], atol=1e-9)
+
+
 def test_clipped_stats_are_continuous_on_integer_data_and_ignore_hot_pixels():
     rng = np.random.default_rng(0)
     values = np.rint(rng.normal(500, 3.5, 200_000))
