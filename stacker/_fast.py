@@ -138,6 +138,75 @@ def median_in_place(work):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
+def count_values(values, hist):  # pragma: no cover - compiled
+    """``hist[v] += 1`` for each of `values`; False (`hist` incomplete) at the first one
+    that is not an integer from 0 to hist.size - 1."""
+    size = hist.size
+    for v in values:
+        i = np.int64(v)
+        if i != v or i < 0 or i >= size:
+            return False
+        hist[i] += 1
+    return True
+
+
+@njit(nogil=True, cache=True)
+def counted_medians(hist, m):  # pragma: no cover - compiled
+    """(median, median absolute deviation from it) of the m integers counted in `hist`,
+    float32, bit for bit what `median_in_place` and `deviation_median` give on them: two
+    walks over the counts instead of two quickselects over the values (a dark frame's
+    262 144 sampled pixels: ~0.3 instead of ~1.9 ms)."""
+    k1 = (m - 1) // 2
+    k2 = m // 2
+    a = -1
+    b = -1
+    seen = 0
+    for v in range(hist.size):
+        c = hist[v]
+        if c == 0:
+            continue
+        if a < 0 and seen + c > k1:
+            a = v
+        if seen + c > k2:
+            b = v
+            break
+        seen += c
+    median = np.float32(a) if m % 2 == 1 else (np.float32(a) + np.float32(b)) * np.float32(0.5)
+    # Deviations from the median, in halves (the median of integers is one, or a half):
+    # walking outwards from it meets them in increasing order.
+    twice = np.int64(2 * median)
+    lo = twice // 2
+    hi = lo + 1
+    big = np.int64(1) << 40
+    da = -1
+    db = -1
+    seen = 0
+    while True:
+        dl = twice - 2 * lo if lo >= 0 else big
+        dh = 2 * hi - twice if hi < hist.size else big
+        if dl <= dh:
+            c = hist[lo]
+            d = dl
+            lo -= 1
+        else:
+            c = hist[hi]
+            d = dh
+            hi += 1
+        if c == 0:
+            continue
+        if da < 0 and seen + c > k1:
+            da = d
+        if seen + c > k2:
+            db = d
+            break
+        seen += c
+    half = np.float32(0.5)
+    if m % 2 == 1:
+        return median, np.float32(da) * half
+    return median, (np.float32(da) * half + np.float32(db) * half) * half
+
+
+@njit(nogil=True, cache=True)
 def window_moments(values, centre, halfwidth):  # pragma: no cover - compiled
     """(count, mean, std) of the values v with ``abs(v - centre) <= halfwidth``, the test
     made in the values' own type, as numpy's ``values[np.abs(values - centre) <= h]``

@@ -116,11 +116,18 @@ def test_strips_of_any_height_reassemble_the_frames(tmp_path_factory, ny, rows, 
     np.testing.assert_array_equal(np.concatenate(parts, axis=1), np.stack(truth))
 
 
-def test_read_frame_rows_picks_the_rows(fitsfile):
-    data = np.arange(10 * 4, dtype=np.uint16).reshape(10, 4)
+@pytest.mark.parametrize("width", [4, 40000])  # rows side by side in one buffer, or not
+def test_read_frame_rows_picks_the_rows(fitsfile, width):
+    data = RNG.integers(0, 65535, size=(200, width)).astype(np.uint16)
     frame = read_frame(fitsfile("r.fits", data, IMAGETYP="Bias Frame"))
-    rows = [0, 1, 2, 5, 9]
+    rows = [0, 1, 2, 5, 9, 100, 101, 199]
     np.testing.assert_array_equal(StripReader((frame,)).read_frame_rows(0, rows), data[rows])
+    with open(frame.path, "r+b") as fh:
+        fh.truncate(frame.data_offset + 150 * frame.row_nbytes)
+    np.testing.assert_array_equal(StripReader((frame,)).read_frame_rows(0, rows[:-1]),
+                                  data[rows[:-1]])
+    with pytest.raises(FrameReadError, match=r"r\.fits.*shorter than its header says"):
+        StripReader((frame,)).read_frame_rows(0, rows)
 
 
 def test_reader_keeps_no_file_open(fitsfile):

@@ -229,6 +229,39 @@ def test_frame_median_is_numpys(values):
     assert _median(values.astype(np.float64)) == float(np.median(values.astype(np.float64)))
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 3000), st.integers(0, 2**32 - 1),
+       st.sampled_from([(0, 65535), (990, 1010), (0, 3), (65530, 65535), (7, 7)]))
+def test_counted_medians_are_the_quickselects(n, seed, span):
+    """Integer samples: the medians counted in bins equal the quickselects' bit for bit."""
+    from stacker._fast import count_values, counted_medians, deviation_median, median_in_place
+
+    values = np.random.default_rng(seed).integers(span[0], span[1] + 1, n).astype(np.float32)
+    hist = np.zeros(1 << 16, np.int64)
+    assert count_values(values, hist)
+    median, mad = counted_medians(hist, n)
+    assert median == median_in_place(values.copy())
+    assert mad == deviation_median(values, median, np.empty_like(values))
+
+
+@pytest.mark.parametrize("odd", [1.5, -1.0, 65536.0, np.inf])
+def test_values_that_are_not_counts_fall_back_to_the_quickselect(odd, monkeypatch):
+    """A non-integer or out-of-range value is refused by the counting (and the frame is
+    measured as before); on integer values the counted statistics are the quickselects'."""
+    from types import SimpleNamespace
+
+    from stacker import qc
+    from stacker._fast import count_values
+
+    values = np.random.default_rng(1).integers(0, 40, (30, 50)).astype(np.float32)
+    assert not count_values(np.append(values.ravel(), np.float32(odd)),
+                            np.zeros(1 << 16, np.int64))
+    frame = SimpleNamespace(path="f.fits", dtype="uint16", kind="dark")
+    counted = measure(frame, values)
+    monkeypatch.setattr(qc, "COUNTED", {})
+    assert measure(frame, values) == counted
+
+
 @pytest.mark.timeout(60, method="thread")
 def test_frame_median_of_repeated_values_finishes():
     """Equal values once made the quickselect quadratic: the 262 144-pixel sample of a
