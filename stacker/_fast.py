@@ -788,7 +788,7 @@ GROUP_MERGE = np.array([(i, i + d) for d in (8, 4, 2, 1) for i in range(GROUP) i
 
 def network_rows(n: int) -> int:
     """Rows of a tile sorted by `network(n)`: n rounded up to whole groups; the rows past n
-    hold +inf of the tile's type (`_pad_tile`), which sort last and stay there."""
+    hold +inf of the tile's type (`_new_tile`), which sort last and stay there."""
     return -(-n // GROUP) * GROUP
 
 
@@ -875,17 +875,16 @@ def _new_tile(n, fill):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
-def _sorted_tile(block, y, x0, pairs, levels, tile, count):  # pragma: no cover - compiled
+def _sorted_tile(block, y, x0, pairs, levels, fill, tile, count):  # pragma: no cover
     """Load pixels (y, x0 .. x0 + TILE) into tile (`network_rows(N)`, TILE) and sort every
-    column (`network`); rows past N must hold +inf (`_pad_tile`).
+    column (`network`); rows past N must hold `fill` (`_new_tile`).
 
-    Missing values (NaN) become +inf of the block's type (the tile's padding), which sorts
-    last; count[p] is the number of finite values of column p (columns beyond the block's
-    edge hold anything). An integer (uint16) block has no missing values and sorts as
-    integers: twice the pixels per vector instruction.
+    Missing values (NaN) become `fill`, +inf of the block's type, which sorts last; count[p]
+    is the number of finite values of column p (columns beyond the block's edge hold
+    anything). An integer (uint16) block has no missing values and sorts as integers: twice
+    the pixels per vector instruction.
     """
     n = block.shape[0]
-    fill = tile[tile.shape[0] - 1, 0]
     m = min(TILE, block.shape[2] - x0)
     count[:] = 0
     if m == TILE:
@@ -1018,7 +1017,7 @@ def sigma_clip_sorted(block, pairs, levels, fill, sigma_low, sigma_high, center_
     sum2 = np.empty(TILE, np.float64)
     for y in range(h):
         for x0 in range(0, w, TILE):
-            _sorted_tile(block, y, x0, pairs, levels, tile, count)
+            _sorted_tile(block, y, x0, pairs, levels, fill, tile, count)
             # The first iteration's moments for all columns at once, row by row (vectorized):
             # 4x less time than walking each column, which is most of the rest.
             for p in range(TILE):
@@ -1093,7 +1092,7 @@ def trimmed_sorted(block, pairs, levels, fill, nlow, nhigh, middle, image,
     count = np.empty(TILE, np.int64)
     for y in range(h):
         for x0 in range(0, w, TILE):
-            _sorted_tile(block, y, x0, pairs, levels, tile, count)
+            _sorted_tile(block, y, x0, pairs, levels, fill, tile, count)
             for p in range(min(TILE, w - x0)):
                 k = count[p]
                 if k == 0:

@@ -207,7 +207,7 @@ def test_compiled_tiles_sort_like_numpy(block, dtype):
     tile = _new_tile(n, _fill(block))
     count = np.empty(TILE, np.int64)
     for x0 in range(0, w, TILE):
-        _sorted_tile(block, 0, x0, *network(n), tile, count)
+        _sorted_tile(block, 0, x0, *network(n), _fill(block), tile, count)
         m = min(TILE, w - x0)
         part = block[:, 0, x0:x0 + m]
         expected = np.sort(np.where(np.isnan(part), np.inf, part) if dtype != np.uint16
@@ -244,6 +244,19 @@ def test_register_kernels_are_the_generated_source():
 
     assert Path(_registers.__file__).read_text() == _fast.register_source(), (
         "regenerate stacker/_registers.py from stacker._fast.register_source()")
+
+
+@pytest.mark.parametrize("n", [16, 32, 17])
+def test_a_missing_value_after_a_tile_of_whole_groups_is_left_out(n):
+    """With N a multiple of the group, the tile has no padding row: a missing value must
+    still become +inf, not whatever the previous tile's last row held (a row of NaN after
+    a row with a 1 gave 1/15 instead of 0)."""
+    block = np.zeros((n, 2, 60), np.float32)
+    block[0, 0, 0] = 1
+    block[0, 1, 0] = np.nan
+    kernel = SigmaClip(sigma_low=0.5, sigma_high=0.5)
+    assert_same(kernel(block), sigma_clip_reference(block, 0.5, 0.5), block)
+    assert_same(MinMax(0, 0)(block), minmax_reference(block, 0, 0), block)
 
 
 def test_sigma_clip_sums_again_when_the_rejected_values_held_the_sum_of_squares():
