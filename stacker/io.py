@@ -414,8 +414,8 @@ def _read_rows_into(frame: Frame, runs: Sequence[tuple[int, int]], out: np.ndarr
     try:
         n_rows = sum(y1 - y0 for y0, y1 in runs)
         if len(runs) > 1 and not aligned and n_rows * row <= STAGING_BYTES:
-            # A sample's scattered rows: read side by side, converted in one call (one per
-            # row held the GIL 64 times a frame between the reads).
+            # A sample's scattered rows: read side by side and converted in one call, not
+            # one call per row (64 a frame, each taking the GIL back between reads).
             buf = _staging(n_rows * row)
             pos = 0
             for y0, y1 in runs:

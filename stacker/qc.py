@@ -126,12 +126,9 @@ def clipped_stats(values: np.ndarray, sigma: float = 5.0, iterations: int = 2,
         values = values.astype(np.float64)
     kind = values.dtype.type
     centre = _median(values) if median is None else median
-    if mad is not None:
-        pass
-    elif values.dtype == np.float32:
-        mad = deviation_median(values, kind(centre), np.empty_like(values))
-    else:
-        mad = float(np.median(np.abs(values - centre)))
+    if mad is None:
+        mad = deviation_median(values, kind(centre), np.empty_like(values)) \
+            if values.dtype == np.float32 else float(np.median(np.abs(values - centre)))
     spread = MAD_TO_SIGMA * mad
     if spread == 0:
         spread = float(values.std())
