@@ -248,6 +248,100 @@ def main(argv=None) -> None:
     if args.json:  # first: the measurements outlive a failure of the report
         args.json.write_text(json.dumps(results, indent=1))
     print(report(results, limits, rep))
+    print("\n".join(["", "Targets of issue #3 (stated for 50 and 200 darks of 4096x4096 and "
+                          "200 full frames; ratios above):",
+                      *targets(results, limits, cold=args.cold, full_frame=args.full_frame,
+                               help_seconds=help_time())]))
+
+
+#: Issue #3's targets: stacker's time over the warm floor's, per method; Siril's and
+#: ccdproc's time against stacker's; peak memory over the limit, and its growth from the
+#: smallest N to the largest; the full-frame peak at 2 GB; flats over darks; `--help`.
+FLOOR_TARGETS = {"sigma_clip": 4.0, "minmax": 2.0, "mean": 1.3}
+SIRIL_TARGET, CCDPROC_TARGET = 0.5, 30.0
+PEAK_MARGIN, PEAK_GROWTH, FULL_FRAME_PEAK = 250e6, 1.1, 2.3e9
+FLATS_TARGET, HELP_TARGET = 1.5, 0.5
+
+
+def targets(results: list[dict], limits: list[str], *, cold: bool = False,
+            full_frame: bool = False, help_seconds: float | None = None) -> list[str]:
+    """One line per target of issue #3 that this run measures: met or NOT met, and why.
+
+    Time over the floor is judged on warm runs only (cold runs are judged against the
+    disk, which no target names); memory targets on both.
+    """
+    from stacker.config import parse_size
+
+    out: list[str] = []
+
+    def judge(ok: bool, text: str) -> None:
+        out.append(f"- {'met' if ok else 'NOT met'}: {text}")
+
+    ns = sorted({r["n"] for r in results})
+    for r in results:
+        if "seconds" not in r:
+            continue
+        case, method, n = r["case"], r["method"], r["n"]
+        limit = case.removeprefix("stacker ").removesuffix(" +QC")
+        if limit in limits and case in (f"stacker {limit}", f"stacker {limit} +QC"):
+            floor = _find(results, n, "floor", "mean")
+            if floor and not cold and case == f"stacker {limit}" and method in FLOOR_TARGETS:
+                ratio, top = r["seconds"] / floor["seconds"], FLOOR_TARGETS[method]
+                judge(ratio <= top, f"{case} {method} N={n}: {ratio:.2f}x the floor "
+                                    f"(<= {top:g}x)")
+            peak, cap = r["peak_bytes"], parse_size(limit) + PEAK_MARGIN
+            judge(peak <= cap, f"{case} {method} N={n}: peak {peak / 1e6:.0f} MB "
+                               f"(<= {cap / 1e6:.0f} MB)")
+            if full_frame and limit == "2GB" and n == 200:
+                judge(peak < FULL_FRAME_PEAK, f"200 full frames, {case} {method}: peak "
+                                              f"{peak / 1e9:.2f} GB (< 2.3 GB)")
+        elif case == "siril":
+            ours = _find(results, n, f"stacker {limits[-1]}", "sigma_clip")
+            if ours:
+                ratio = ours["seconds"] / r["seconds"]
+                judge(ratio <= SIRIL_TARGET, f"stacker / Siril N={n}: {ratio:.2f}x its time "
+                                             f"(<= {SIRIL_TARGET}x)")
+        elif case == "ccdproc":
+            same = "stacker 1-pass" if method == "sigma_clip" else f"stacker {limits[-1]}"
+            ours = _find(results, n, same, method)
+            if ours:
+                ratio = r["seconds"] / ours["seconds"]
+                judge(ratio >= CCDPROC_TARGET, f"ccdproc / {same} {method} N={n}: "
+                                               f"{ratio:.1f}x (>= {CCDPROC_TARGET:g}x)")
+        elif case == "stacker flats":
+            dark = _find(results, n, f"stacker {limits[-1]}", "sigma_clip")
+            if dark:
+                ratio = r["seconds"] / dark["seconds"]
+                judge(ratio <= FLATS_TARGET, f"flats / darks N={n}: {ratio:.2f} "
+                                             f"(<= {FLATS_TARGET})")
+    if len(ns) > 1:
+        for limit in limits:
+            for method in FLOOR_TARGETS:
+                a = _find(results, ns[0], f"stacker {limit}", method)
+                b = _find(results, ns[-1], f"stacker {limit}", method)
+                if a and b:
+                    growth = b["peak_bytes"] / a["peak_bytes"]
+                    judge(growth <= PEAK_GROWTH, f"peak N={ns[-1]} / N={ns[0]} stacker {limit} "
+                                                 f"{method}: {growth:.2f} (<= {PEAK_GROWTH})")
+    if help_seconds is not None:
+        judge(help_seconds < HELP_TARGET, f"`stacker --help` {help_seconds:.2f} s "
+                                          f"(< {HELP_TARGET} s)")
+    return out
+
+
+def help_time(repeat: int = 3) -> float:
+    """Median wall time of ``python -m stacker --help`` (a cold start: nothing is cached in
+    the process), run `repeat` times."""
+    import statistics
+    import time
+
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "stacker", "--help"], capture_output=True,
+                       check=True, cwd=HERE.parent)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _find(results, n, case, method):
