@@ -187,9 +187,15 @@ def measure(frame: Frame, values: np.ndarray, raw: np.ndarray | None = None,
     else:
         median = float(median_in_place(work[:n]))
     fraction = None
-    if top is not None:
-        fraction = median / top if flat_raw is flat_values else \
-            float(median_in_place(raw_work[:n])) / top
+    if top is not None and flat_raw is flat_values:
+        fraction = median / top
+    elif top is not None:
+        # A flat's raw values (before the dark is subtracted) are camera integers too.
+        raw_counts = np.zeros(COUNTED.get(frame.dtype, 0), np.int64)
+        raw_median = counted_medians(raw_counts, n)[0] \
+            if raw_counts.size and count_values(raw_work[:n], raw_counts) \
+            else median_in_place(raw_work[:n])
+        fraction = float(raw_median) / top
     zones = _zones(values[::step, ::step], median) \
         if quality and frame.kind == "flat" and median > 0 else ()
     level, noise = clipped_stats(finite[::step * step], median=median, mad=mad) if quality \
