@@ -269,6 +269,24 @@ def test_sigma_clip_sums_again_when_the_rejected_values_held_the_sum_of_squares(
     assert_same(SigmaClip()(block), sigma_clip_reference(block), block)
 
 
+@pytest.mark.parametrize("n", [255, 256, 257, NETWORK_MAX_FRAMES])
+def test_sorted_kernels_across_every_merge_level(n):
+    """Stacks whose network has 5 to 7 merge levels (the hypothesis blocks stop at 70
+    frames): compiled, float32 and uint16, equal to the references."""
+    rng = np.random.default_rng(n)
+    block = rng.normal(100, 5, (n, 1, 70)).astype(np.float32)
+    block[::7, 0, 3] = np.nan
+    block[0, 0, 5] = 6e4
+    assert_same(SigmaClip()(block), sigma_clip_reference(block), block)
+    assert_same(MinMax(2, 3)(block), minmax_reference(block, 2, 3), block)
+    assert_same(Median()(block), median_reference(block), block)
+    camera = np.nan_to_num(np.round(block), nan=7).astype(np.uint16)
+    for kernel in (SigmaClip(), MinMax(2, 3), Median()):
+        for got, expected in zip(kernel(camera), kernel(camera.astype(np.float32)),
+                                 strict=True):
+            np.testing.assert_array_equal(got, expected)
+
+
 def test_stacks_beyond_the_network_use_selections_with_the_same_result():
     rng = np.random.default_rng(3)
     block = np.round(rng.normal(100, 5, (NETWORK_MAX_FRAMES + 7, 1, 3))).astype(np.float32)
