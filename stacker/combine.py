@@ -127,6 +127,13 @@ def combine_into(reader: StripReader, writer: MasterWriter, kernel: Callable, ro
         Exact statistics of the written image and frames-used map, gathered from each strip
         as it is written (the median needs one read-back pass over the image).
     """
+    with reader.kept_open() as opened:
+        return _combine_into(opened, writer, kernel, rows, prepare, num_workers, progress)
+
+
+def _combine_into(reader: StripReader, writer: MasterWriter, kernel: Callable, rows: int,
+                  prepare: Prepare | None, num_workers: int,
+                  progress: Callable[[int, int], None] | None) -> MasterStats:
     n, ny, nx = reader.shape
     summary = StripSummary((ny, nx))
     # Camera data (uint16) without a per-frame correction stay integers: no conversion, half

@@ -139,6 +139,34 @@ def test_reader_keeps_no_file_open(fitsfile):
     assert len(os.listdir("/proc/self/fd")) == before
 
 
+def test_a_reader_kept_open_reads_the_same_and_closes_its_files(fitsfile):
+    import pickle
+
+    data = [RNG.integers(0, 65535, size=(30, 7)).astype(np.uint16) for _ in range(5)]
+    frames = tuple(read_frame(fitsfile(f"k{i}.fits", d, IMAGETYP="Bias Frame"))
+                   for i, d in enumerate(data))
+    reader = StripReader(frames)
+    before = len(os.listdir("/proc/self/fd"))
+    with reader.kept_open() as kept:
+        assert len(os.listdir("/proc/self/fd")) == before + len(frames)
+        np.testing.assert_array_equal(kept.read(3, 17), reader.read(3, 17))
+        np.testing.assert_array_equal(kept.read(3, 17, out=np.empty((5, 14, 7), np.uint16)),
+                                      np.stack(data)[:, 3:17])
+        rows = [r.copy() for r in kept.frame_rows(0, 30)]
+        np.testing.assert_array_equal(np.stack(rows), np.stack(data))
+        assert pickle.loads(pickle.dumps(kept)).fds is None  # no descriptor leaves
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_file_gone_before_a_kept_open_reader_opens_it_is_named(fitsfile):
+    frames = tuple(read_frame(fitsfile(f"g{i}.fits", np.zeros((8, 8), np.uint16),
+                                       IMAGETYP="Bias Frame")) for i in range(3))
+    frames[1].path.unlink()
+    with StripReader(frames).kept_open() as kept, \
+            pytest.raises(FrameReadError, match=r"g1\.fits"):
+        kept.read(0, 4)
+
+
 def test_frames_of_different_shapes_are_refused(fitsfile):
     a = read_frame(fitsfile("a.fits", np.zeros((4, 4), np.uint16), IMAGETYP="Bias Frame"))
     b = read_frame(fitsfile("b.fits", np.zeros((4, 5), np.uint16), IMAGETYP="Bias Frame"))
