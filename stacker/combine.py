@@ -303,6 +303,10 @@ class StripBlocks:
             future.set_result((buffer, self._read(k, buffer)))
         except BaseException as exc:
             future.set_exception(exc)
+            # The strip is lost, its buffer is not: the next strip is read into it. Kept,
+            # every failed read took a buffer away, and once they were all gone a worker
+            # already waiting for a later strip waited forever (and the build with it).
+            self.give(buffer)
 
     def _read(self, k: int, buffer: np.ndarray) -> np.ndarray:
         n, _, nx = self._reader.shape

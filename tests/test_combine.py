@@ -208,3 +208,36 @@ def test_combine_into_writes_the_master_and_returns_its_exact_statistics(tmp_pat
         assert (stats.used_min, stats.used_max) == (used.min(), used.max())
         assert seen == [(i, strips) for i in range(strips + 1)]
         w.abort()
+
+
+@pytest.mark.timeout(60, method="thread")
+def test_failed_reads_ahead_give_their_buffers_back(tmp_path):
+    """Around the page cache each worker has two buffers, read ahead. A read that fails
+    must hand its buffer on: when both of a worker's buffers went to failed reads, the
+    next strip was never read and a worker waiting for it waited forever (a build with a
+    frame truncated after the inventory hung, now and then, instead of failing)."""
+    from stacker.combine import StripBlocks
+    from stacker.errors import FrameReadError
+
+    rng = np.random.default_rng(1)
+    frames = []
+    for i in range(3):
+        path = tmp_path / f"t{i}.fits"
+        fits.PrimaryHDU(rng.integers(0, 65535, (40, 300)).astype(np.uint16)).writeto(path)
+        frames.append(read_frame(path, kind="bias"))
+    with open(frames[1].path, "r+b") as fh:
+        fh.truncate(frames[1].data_offset + 9 * frames[1].row_nbytes)  # rows 9.. are gone
+    reader = StripReader(tuple(frames), direct=True)
+    strips = plan_strips(40, 4)
+    blocks = StripBlocks(reader, None, strips, np.uint16, workers=1)
+    try:
+        for k, (y0, y1) in enumerate(strips):
+            if y1 <= 9:
+                buffer, block = blocks.take(k)
+                np.testing.assert_array_equal(block[0], fits.getdata(frames[0].path)[y0:y1])
+                blocks.give(buffer)
+            else:  # strip 2 onwards: every read fails, and each failure is told, not awaited
+                with pytest.raises(FrameReadError, match=r"t1\.fits"):
+                    blocks.take(k)
+    finally:
+        blocks.close()
