@@ -493,9 +493,10 @@ DIRECT_BYTES = 16 * 2**20
 DIRECT_ALIGN = 4096
 
 
-#: Most frames whose files `StripReader.kept_open` keeps open (the soft limit on a process's
-#: open files is often 1024).
-KEEP_OPEN_MAX = 512
+#: Most frames whose files `StripReader.kept_open` keeps open: the soft limit on a process's
+#: open files is often 1024, and a cluster worker with several threads may build several
+#: masters at once.
+KEEP_OPEN_MAX = 256
 
 #: Reads in flight when reading around the page cache: each waits for the disk (no read-ahead
 #: there), so a strip's files are read in parallel.

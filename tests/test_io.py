@@ -156,6 +156,11 @@ def test_a_reader_kept_open_reads_the_same_and_closes_its_files(fitsfile):
         np.testing.assert_array_equal(np.stack(rows), np.stack(data))
         assert pickle.loads(pickle.dumps(kept)).fds is None  # no descriptor leaves
     assert len(os.listdir("/proc/self/fd")) == before
+    with pytest.MonkeyPatch.context() as mp:  # more frames than may be kept open
+        mp.setattr(io, "KEEP_OPEN_MAX", len(frames) - 1)
+        with reader.kept_open() as kept:
+            assert kept.fds is None and len(os.listdir("/proc/self/fd")) == before
+            np.testing.assert_array_equal(kept.read(3, 17), reader.read(3, 17))
 
 
 def test_a_file_gone_before_a_kept_open_reader_opens_it_is_named(fitsfile):
