@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -277,7 +278,6 @@ def targets(results: list[dict], limits: list[str], *, cold: bool = False,
     def judge(ok: bool, text: str) -> None:
         out.append(f"- {'met' if ok else 'NOT met'}: {text}")
 
-    ns = sorted({r["n"] for r in results})
     for r in results:
         if "seconds" not in r:
             continue
@@ -295,34 +295,24 @@ def targets(results: list[dict], limits: list[str], *, cold: bool = False,
             if full_frame and limit == "2GB" and n == 200:
                 judge(peak < FULL_FRAME_PEAK, f"200 full frames, {case} {method}: peak "
                                               f"{peak / 1e9:.2f} GB (< 2.3 GB)")
+        elif (ours := _counterpart(results, r, limits)) is None:
+            continue
         elif case == "siril":
-            ours = _find(results, n, f"stacker {limits[-1]}", "sigma_clip")
-            if ours:
-                ratio = ours["seconds"] / r["seconds"]
-                judge(ratio <= SIRIL_TARGET, f"stacker / Siril N={n}: {ratio:.2f}x its time "
-                                             f"(<= {SIRIL_TARGET}x)")
+            ratio = ours["seconds"] / r["seconds"]
+            judge(ratio <= SIRIL_TARGET, f"stacker / Siril N={n}: {ratio:.2f}x its time "
+                                         f"(<= {SIRIL_TARGET}x)")
         elif case == "ccdproc":
-            same = "stacker 1-pass" if method == "sigma_clip" else f"stacker {limits[-1]}"
-            ours = _find(results, n, same, method)
-            if ours:
-                ratio = r["seconds"] / ours["seconds"]
-                judge(ratio >= CCDPROC_TARGET, f"ccdproc / {same} {method} N={n}: "
-                                               f"{ratio:.1f}x (>= {CCDPROC_TARGET:g}x)")
+            ratio = r["seconds"] / ours["seconds"]
+            judge(ratio >= CCDPROC_TARGET, f"ccdproc / {ours['case']} {method} N={n}: "
+                                           f"{ratio:.1f}x (>= {CCDPROC_TARGET:g}x)")
         elif case == "stacker flats":
-            dark = _find(results, n, f"stacker {limits[-1]}", "sigma_clip")
-            if dark:
-                ratio = r["seconds"] / dark["seconds"]
-                judge(ratio <= FLATS_TARGET, f"flats / darks N={n}: {ratio:.2f} "
-                                             f"(<= {FLATS_TARGET})")
-    if len(ns) > 1:
-        for limit in limits:
-            for method in FLOOR_TARGETS:
-                a = _find(results, ns[0], f"stacker {limit}", method)
-                b = _find(results, ns[-1], f"stacker {limit}", method)
-                if a and b:
-                    growth = b["peak_bytes"] / a["peak_bytes"]
-                    judge(growth <= PEAK_GROWTH, f"peak N={ns[-1]} / N={ns[0]} stacker {limit} "
-                                                 f"{method}: {growth:.2f} (<= {PEAK_GROWTH})")
+            ratio = r["seconds"] / ours["seconds"]
+            judge(ratio <= FLATS_TARGET, f"flats / darks N={n}: {ratio:.2f} "
+                                         f"(<= {FLATS_TARGET})")
+    for limit, method, a, b in _growth(results, limits, FLOOR_TARGETS):
+        growth = b["peak_bytes"] / a["peak_bytes"]
+        judge(growth <= PEAK_GROWTH, f"peak N={b['n']} / N={a['n']} stacker {limit} {method}: "
+                                     f"{growth:.2f} (<= {PEAK_GROWTH})")
     if help_seconds is not None:
         judge(help_seconds < HELP_TARGET, f"`stacker --help` {help_seconds:.2f} s "
                                           f"(< {HELP_TARGET} s)")
@@ -342,6 +332,39 @@ def help_time(repeat: int = 3) -> float:
                        check=True, cwd=HERE.parent)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _counterpart(results: list[dict], r: dict, limits: list[str]) -> dict | None:
+    """The stacker case a comparison case `r` is measured against, in the same run: ccdproc
+    against stacker's one-pass clip (its clip is a single pass) or the same min/max; Siril
+    and flats against the darks' sigma clip; a cluster run against the threaded one; a
+    +QC case against the same case without quality control."""
+    case, method, n = r["case"], r["method"], r["n"]
+    if case == "ccdproc":
+        return _find(results, n, "stacker 1-pass" if method == "sigma_clip"
+                     else f"stacker {limits[-1]}", method)
+    if case in ("siril", "stacker flats"):
+        return _find(results, n, f"stacker {limits[-1]}", "sigma_clip")
+    if case == "cluster 2 workers":
+        return _find(results, n, f"stacker {limits[-1]}", method)
+    if case.endswith(" +QC"):
+        return _find(results, n, case.removesuffix(" +QC"), method)
+    return None
+
+
+def _growth(results: list[dict], limits: list[str], methods) -> Iterator[tuple[str, str, dict,
+                                                                              dict]]:
+    """(limit, method, case at the smallest N, case at the largest N) for each stacker case
+    measured at both."""
+    ns = sorted({r["n"] for r in results})
+    if len(ns) < 2:
+        return
+    for limit in limits:
+        for method in methods:
+            a = _find(results, ns[0], f"stacker {limit}", method)
+            b = _find(results, ns[-1], f"stacker {limit}", method)
+            if a and b:
+                yield limit, method, a, b
 
 
 def _find(results, n, case, method):
@@ -368,58 +391,44 @@ def report(results: list[dict], limits: list[str], repeat: int = 1) -> str:
                      f"{r['input_bytes'] / r['seconds'] / 1e6:.0f} | "
                      f"{r['peak_bytes'] / 1e6:.0f} | {ratio:.2f} |")
     lines += ["", "Ratios measured in this run:"]
-    ns = sorted({r["n"] for r in results})
     for r in results:  # only with --cold: what the disk delivers, against what stacker takes
         if r["case"].startswith("stacker") and "seconds" in r:
             disk = _find(results, r["n"], "disk flats" if "flats" in r["case"] else "disk", "-")
             if disk:
                 lines.append(f"- {r['case']} / disk (cold, {r['method']}, N={r['n']}): "
                              f"{r['seconds'] / disk['seconds']:.2f}x time")
-    for r in results:
-        if r["case"] == "ccdproc" and "seconds" in r:
-            same = "stacker 1-pass" if r["method"] == "sigma_clip" else f"stacker {limits[-1]}"
-            ours = _find(results, r["n"], same, r["method"])
-            if ours:
-                lines.append(f"- ccdproc / {same} ({r['method']}, N={r['n']}): "
-                             f"{r['seconds'] / ours['seconds']:.1f}x time, "
-                             f"{r['peak_bytes'] / ours['peak_bytes']:.1f}x peak memory; "
-                             f"{compare(r['output'], ours['output'])}")
-    for r in results:
-        if r["case"] == "siril" and "seconds" in r:
-            ours = _find(results, r["n"], f"stacker {limits[-1]}", "sigma_clip")
-            if ours:
-                lines.append(f"- stacker {limits[-1]} / Siril (sigma_clip, N={r['n']}): "
-                             f"{ours['seconds'] / r['seconds']:.2f}x time, "
-                             f"{ours['peak_bytes'] / r['peak_bytes']:.2f}x peak memory")
-        if r["case"] == "cluster 2 workers" and "seconds" in r:
-            ours = _find(results, r["n"], f"stacker {limits[-1]}", r["method"])
-            if ours:
-                ratio, start = r["seconds"] / ours["seconds"], r["startup_seconds"]
-                lines.append(f"- cluster 2 workers / stacker {limits[-1]} threads "
-                             f"({r['method']}, N={r['n']}): {ratio:.2f}x time "
-                             f"({(r['seconds'] + start) / ours['seconds']:.2f}x with the "
-                             f"cluster's {start:.1f} s start-up); "
-                             f"{compare(r['output'], ours['output'])}")
-        if r["case"].endswith(" +QC") and "seconds" in r:
-            base = r["case"].removesuffix(" +QC")
-            plain = _find(results, r["n"], base, r["method"])
-            if plain:
-                lines.append(f"- quality control on / off ({base}, "
-                             f"{r['method']}, N={r['n']}): {r['seconds'] / plain['seconds']:.2f}x "
-                             f"time, {r['peak_bytes'] / plain['peak_bytes']:.2f}x peak memory")
-        if r["case"] == "stacker flats" and "seconds" in r:
-            dark = _find(results, r["n"], f"stacker {limits[-1]}", "sigma_clip")
-            if dark:
-                lines.append(f"- flats / darks (sigma_clip, N={r['n']}, {limits[-1]}): "
-                             f"{r['seconds'] / dark['seconds']:.2f}")
-    if len(ns) > 1:
-        for limit in limits:
-            for method in sorted({r["method"] for r in results if r["case"] != "floor"}):
-                a = _find(results, ns[0], f"stacker {limit}", method)
-                b = _find(results, ns[-1], f"stacker {limit}", method)
-                if a and b:
-                    lines.append(f"- peak memory N={ns[-1]} / N={ns[0]} (stacker {limit}, "
-                                 f"{method}): {b['peak_bytes'] / a['peak_bytes']:.2f}")
+    # ccdproc's lines first, then the rest in the order they ran
+    for r in sorted(results, key=lambda r: r["case"] != "ccdproc"):
+        ours = _counterpart(results, r, limits) if "seconds" in r else None
+        if ours is None:
+            continue
+        case, method, n = r["case"], r["method"], r["n"]
+        if case == "ccdproc":
+            lines.append(f"- ccdproc / {ours['case']} ({method}, N={n}): "
+                         f"{r['seconds'] / ours['seconds']:.1f}x time, "
+                         f"{r['peak_bytes'] / ours['peak_bytes']:.1f}x peak memory; "
+                         f"{compare(r['output'], ours['output'])}")
+        elif case == "siril":
+            lines.append(f"- {ours['case']} / Siril (sigma_clip, N={n}): "
+                         f"{ours['seconds'] / r['seconds']:.2f}x time, "
+                         f"{ours['peak_bytes'] / r['peak_bytes']:.2f}x peak memory")
+        elif case == "cluster 2 workers":
+            ratio, start = r["seconds"] / ours["seconds"], r["startup_seconds"]
+            lines.append(f"- cluster 2 workers / {ours['case']} threads ({method}, N={n}): "
+                         f"{ratio:.2f}x time ({(r['seconds'] + start) / ours['seconds']:.2f}x "
+                         f"with the cluster's {start:.1f} s start-up); "
+                         f"{compare(r['output'], ours['output'])}")
+        elif case.endswith(" +QC"):
+            lines.append(f"- quality control on / off ({ours['case']}, {method}, N={n}): "
+                         f"{r['seconds'] / ours['seconds']:.2f}x time, "
+                         f"{r['peak_bytes'] / ours['peak_bytes']:.2f}x peak memory")
+        elif case == "stacker flats":
+            lines.append(f"- flats / darks (sigma_clip, N={n}, {limits[-1]}): "
+                         f"{r['seconds'] / ours['seconds']:.2f}")
+    methods = sorted({r["method"] for r in results if r["case"] != "floor"})
+    for limit, method, a, b in _growth(results, limits, methods):
+        lines.append(f"- peak memory N={b['n']} / N={a['n']} (stacker {limit}, {method}): "
+                     f"{b['peak_bytes'] / a['peak_bytes']:.2f}")
     return "\n".join(lines)
 
 

@@ -150,6 +150,18 @@ def count_values(values, hist):  # pragma: no cover - compiled
     return True
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _ranked(count, value, seen, first, k1, k2):  # pragma: no cover - compiled
+    """One step of a walk over counted values in increasing order: `count` of them equal to
+    `value` after `seen` smaller ones. Returns (value of rank k1 or the `first` known,
+    value of rank k2 or -1 while not reached, values seen)."""
+    if first < 0 and seen + count > k1:
+        first = value
+    if seen + count > k2:
+        return first, value, seen + count
+    return first, -1, seen + count
+
+
 @njit(nogil=True, cache=True)
 def counted_medians(hist, m):  # pragma: no cover - compiled
     """(median, median absolute deviation from it) of the m integers counted in `hist`,
@@ -161,16 +173,10 @@ def counted_medians(hist, m):  # pragma: no cover - compiled
     a = -1
     b = -1
     seen = 0
-    for v in range(hist.size):
-        c = hist[v]
-        if c == 0:
-            continue
-        if a < 0 and seen + c > k1:
-            a = v
-        if seen + c > k2:
-            b = v
-            break
-        seen += c
+    v = 0
+    while b < 0:
+        a, b, seen = _ranked(hist[v], v, seen, a, k1, k2)
+        v += 1
     median = np.float32(a) if m % 2 == 1 else (np.float32(a) + np.float32(b)) * np.float32(0.5)
     # Deviations from the median, in halves (the median of integers is one, or a half):
     # walking outwards from it meets them in increasing order.
@@ -181,25 +187,15 @@ def counted_medians(hist, m):  # pragma: no cover - compiled
     da = -1
     db = -1
     seen = 0
-    while True:
+    while db < 0:
         dl = twice - 2 * lo if lo >= 0 else big
         dh = 2 * hi - twice if hi < hist.size else big
         if dl <= dh:
-            c = hist[lo]
-            d = dl
+            da, db, seen = _ranked(hist[lo], dl, seen, da, k1, k2)
             lo -= 1
         else:
-            c = hist[hi]
-            d = dh
+            da, db, seen = _ranked(hist[hi], dh, seen, da, k1, k2)
             hi += 1
-        if c == 0:
-            continue
-        if da < 0 and seen + c > k1:
-            da = d
-        if seen + c > k2:
-            db = d
-            break
-        seen += c
     half = np.float32(0.5)
     if m % 2 == 1:
         return median, np.float32(da) * half

@@ -173,6 +173,10 @@ class StripReader:
                 if fd is not None:
                     os.close(fd)
 
+    def _fd(self, i: int) -> int | None:
+        """Frame `i`'s file if `kept_open` holds it open."""
+        return None if self.fds is None else self.fds[i]
+
     @property
     def shape(self) -> tuple[int, int, int]:
         """``(N, ny, nx)``."""
@@ -204,8 +208,7 @@ class StripReader:
 
         def read(i: int) -> None:
             read_rows_into(self.frames[i], y0, y1, out[i], subtract,
-                           None if scales is None else scales[i], self.direct,
-                           fd=None if self.fds is None else self.fds[i])
+                           None if scales is None else scales[i], self.direct, self._fd(i))
 
         # Around the page cache on `DIRECT_THREADS` threads, so that the disk has that many
         # requests to work on.
@@ -238,7 +241,7 @@ class StripReader:
         if not self.direct or n < 2 or ahead < 2:
             rows = np.empty((y1 - y0, nx), dtype)
             for i, frame in enumerate(self.frames):
-                read_rows_into(frame, y0, y1, rows, fd=None if self.fds is None else self.fds[i])
+                read_rows_into(frame, y0, y1, rows, fd=self._fd(i))
                 yield rows
             return
         from concurrent.futures import FIRST_COMPLETED, wait

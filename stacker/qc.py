@@ -150,7 +150,7 @@ def measure(frame: Frame, values: np.ndarray, raw: np.ndarray | None = None,
     which only quality control judges, are not computed (NaN, empty): half the cost of
     measuring a flat, whose median is all a run without quality control needs.
     """
-    from stacker._fast import count_values, counted_medians, median_in_place, sample_pass
+    from stacker._fast import sample_pass
 
     values = np.asarray(values, np.float32)
     flat_values = np.ascontiguousarray(values).ravel()
@@ -176,26 +176,15 @@ def measure(frame: Frame, values: np.ndarray, raw: np.ndarray | None = None,
     # The level (median, which scales flats) uses every sampled pixel; the QC-only shape and
     # noise use a quarter of them, plenty for a z-score and four times cheaper.
     step = 2 if n >= QC_SUBSAMPLE_FROM else 1
-    mad = None
-    counts = COUNTED.get(frame.dtype) if flat_raw is flat_values else None
-    hist = np.zeros(counts or 0, np.int64)
-    if counts is not None and count_values(finite, hist):
-        # Camera values as read (nothing subtracted) are integers: medians by counting.
-        median32, mad32 = counted_medians(hist, n)
-        median = float(median32)
-        mad = float(mad32) if step == 1 else None
-    else:
-        median = float(median_in_place(work[:n]))
+    # Camera values as read (nothing subtracted) are integers: their medians are counted.
+    median, mad = _medians(finite, work[:n], frame.dtype if flat_raw is flat_values else None)
+    mad = mad if step == 1 else None
     fraction = None
     if top is not None and flat_raw is flat_values:
         fraction = median / top
     elif top is not None:
         # A flat's raw values (before the dark is subtracted) are camera integers too.
-        raw_counts = np.zeros(COUNTED.get(frame.dtype, 0), np.int64)
-        raw_median = counted_medians(raw_counts, n)[0] \
-            if raw_counts.size and count_values(raw_work[:n], raw_counts) \
-            else median_in_place(raw_work[:n])
-        fraction = float(raw_median) / top
+        fraction = _medians(raw_work[:n], raw_work[:n], frame.dtype)[0] / top
     zones = _zones(values[::step, ::step], median) \
         if quality and frame.kind == "flat" and median > 0 else ()
     level, noise = clipped_stats(finite[::step * step], median=median, mad=mad) if quality \
@@ -203,6 +192,23 @@ def measure(frame: Frame, values: np.ndarray, raw: np.ndarray | None = None,
     return FrameStats(str(frame.path), median, float(mean), float(std), float(lo), float(hi),
                       n / flat_values.size, saturated, level=level, noise=noise,
                       full_scale_fraction=fraction, zones=zones)
+
+
+def _medians(values: np.ndarray, work: np.ndarray, dtype: str | None
+             ) -> tuple[float, float | None]:
+    """(median, median absolute deviation from it) of finite float32 `values`, the latter
+    None when not counted. Values of a `COUNTED` stored `dtype` are counted in bins (when
+    they all are integers in range); else `work`, a copy of them, is reordered by a
+    quickselect."""
+    from stacker._fast import count_values, counted_medians, median_in_place
+
+    counts = COUNTED.get(dtype) if dtype is not None else None
+    if counts is not None:
+        hist = np.zeros(counts, np.int64)
+        if count_values(values, hist):
+            median, mad = counted_medians(hist, values.size)
+            return float(median), float(mad)
+    return float(median_in_place(work)), None
 
 
 def _median(values: np.ndarray) -> float:
