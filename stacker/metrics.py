@@ -717,7 +717,13 @@ def _flagged(indices: list[np.ndarray]) -> np.ndarray:
     """The distinct flat indices of a list of index arrays, sorted."""
     if not indices:
         return np.zeros(0, np.intp)
-    return np.unique(np.concatenate([np.asarray(i, np.intp).ravel() for i in indices]))
+    # Sorted, then each value that differs from the one before: numpy 2.4's np.unique
+    # (hash-based) took 0.33-0.43 s for the 638 051 pixels a mean of 200 darks flags, a
+    # sort 0.03 s.
+    flat = np.sort(np.concatenate([np.asarray(i, np.intp).ravel() for i in indices]))
+    keep = np.ones(flat.size, bool)
+    np.not_equal(flat[1:], flat[:-1], out=keep[1:])
+    return flat[keep]
 
 
 def _mask_digest(mask: np.ndarray, sources: list[str]) -> str:

@@ -320,3 +320,15 @@ def test_bad_pixel_mask_file_is_byte_for_byte_what_astropy_wrote(tmp_path):
     again = metrics.write_mask(tmp_path, "20261206_000000", shape, bad)
     assert again["path"] == str(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, "reference.fits"]
+
+
+@given(st.lists(st.lists(st.integers(0, 40), max_size=30), max_size=4))
+def test_flagged_indices_are_the_distinct_ones_sorted(lists):
+    """The mask's flagged pixels: what np.unique gives (it is replaced for its speed)."""
+    from stacker import metrics
+
+    indices = [np.array(v, np.int64) for v in lists]
+    got = metrics._flagged(indices)
+    want = np.unique(np.concatenate(indices)) if indices else np.zeros(0)
+    assert got.dtype == np.intp
+    assert got.tolist() == want.tolist()
