@@ -19,8 +19,10 @@ import sys
 import threading
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
-from numba.extending import overload
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 from stacker._registers import merge_group, sort_group
 
@@ -625,6 +627,101 @@ def uint16_calibrated(raw, master, subtract, scale, out):  # pragma: no cover - 
             if subtract:
                 f = f - master[y, x]
             out[y, x] = f * scale
+
+
+@intrinsic
+def _pread(typingctx, fd, address, nbytes, offset):
+    """``pread(fd, address, nbytes, offset)`` of the C library, from compiled code: bytes
+    read, -1 on an error. Declared by name, so the cached machine code links against the
+    process's own C library when it is loaded (no address is baked into the cache)."""
+    sig = types.int64(types.int32, types.uintp, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        byte_ptr = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(i64, [ir.IntType(32), byte_ptr, i64, i64])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "pread")
+        fd_, address_, nbytes_, offset_ = args
+        return builder.call(fn, [fd_, builder.inttoptr(address_, byte_ptr), nbytes_, offset_])
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True)
+def read_fits_uint16(fds, offsets, row_bytes, y0, step, out):  # pragma: no cover - compiled
+    """Rows ``[y0, y0 + h)`` of every frame's FITS uint16 data into `out` (N, h, w), read
+    straight into place with ``pread`` and converted there (as `uint16_from_fits`) in pieces
+    of `step` rows while they are in cache. `fds` are the frames' open files, `offsets`
+    where their data start.
+
+    Returns -1, or the first frame whose read failed or came short: the caller reads it
+    again the per-frame way, whose error names the file.
+    """
+    n, h, _ = out.shape
+    for i in range(n):
+        for c in range(0, h, step):
+            piece = out[i, c:min(c + step, h)]
+            nbytes = piece.size * 2
+            if _pread(fds[i], piece.ctypes.data, nbytes,
+                      offsets[i] + (y0 + c) * row_bytes) != nbytes:
+                return i
+            _from_fits_in_place(piece)
+    return -1
+
+
+@njit(nogil=True, cache=True)
+def read_fits_sums(fds, offsets, row_bytes, y0, step, staging, total, vmin, vmax,
+                   extremes):  # pragma: no cover - compiled
+    """As `read_fits_uint16`, but each piece of `step` rows is read into `staging` (uint16,
+    at least ``step * w`` values), converted there and added to the running sums of the
+    strip's rows (`add_rows`: int32 `total` (h, w), and the extremes when `extremes`)
+    while it is in cache. Returns -1, or the first frame whose read failed (the frames
+    before it are added: the caller starts again from fresh sums)."""
+    h, w = total.shape
+    for i in range(fds.size):
+        for c in range(0, h, step):
+            d = min(c + step, h)
+            raw = staging[:(d - c) * w].reshape((d - c, w))
+            nbytes = raw.size * 2
+            if _pread(fds[i], raw.ctypes.data, nbytes,
+                      offsets[i] + (y0 + c) * row_bytes) != nbytes:
+                return i
+            _from_fits_in_place(raw)
+            add_rows(raw, total[c:d], vmin[c:d], vmax[c:d], extremes)
+    return -1
+
+
+@njit(nogil=True, cache=True)
+def _from_fits_in_place(rows):  # pragma: no cover - compiled
+    """`uint16_from_fits` of (h, w) rows onto themselves. Its own loop: given one array as
+    both input and output, `uint16_from_fits`' vector loop finds them overlapping at run
+    time and takes its scalar path (0.35 against 0.31 s for reading 50 frames' strips)."""
+    h, w = rows.shape
+    for y in range(h):
+        r = rows[y]
+        for x in range(w):
+            v = r[x]
+            r[x] = ((v >> 8) | (v << 8)) & 0xFFFF ^ 0x8000
+
+
+@njit(nogil=True, cache=True)
+def read_fits_calibrated(fds, offsets, row_bytes, y0, step, staging, master, subtract,
+                         scales, out):  # pragma: no cover - compiled
+    """As `read_fits_uint16`, into float32 `out` as ``(value - master) * scales[i]`` (when
+    `subtract`; else ``value * scales[i]``), by `uint16_calibrated`: each piece of `step`
+    rows is read into `staging` (uint16, at least ``step * w`` values) and converted from
+    there. `master` is (h, w) float32 (any such array when not `subtract`)."""
+    n, h, w = out.shape
+    for i in range(n):
+        for c in range(0, h, step):
+            d = min(c + step, h)
+            raw = staging[:(d - c) * w].reshape((d - c, w))
+            nbytes = raw.size * 2
+            if _pread(fds[i], raw.ctypes.data, nbytes,
+                      offsets[i] + (y0 + c) * row_bytes) != nbytes:
+                return i
+            uint16_calibrated(raw, master[c:d], subtract, scales[i], out[i, c:d])
+    return -1
 
 
 @njit(nogil=True, cache=True)

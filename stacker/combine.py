@@ -204,10 +204,14 @@ def _run_tasks(tasks: list, num_workers: int,
 
 def _running_task(reader: StripReader, writer: MasterWriter, running: Callable, y0: int,
                   y1: int, summary: StripSummary) -> None:
-    _, _, nx = reader.shape
+    n, _, nx = reader.shape
     sums = running((y1 - y0, nx))
-    for rows in reader.frame_rows(y0, y1, np.uint16):
-        sums.add(rows)  # integer sums and extremes: the frames' order does not matter
+    if reader.add_frames(y0, y1, sums.total, sums.vmin, sums.vmax, sums.extremes):
+        sums.added(n)
+    else:
+        sums = running((y1 - y0, nx))  # (fresh: a failed compiled loop added some frames)
+        for rows in reader.frame_rows(y0, y1, np.uint16):
+            sums.add(rows)  # integer sums and extremes: the frames' order does not matter
     image, used = sums.result()
     writer.write(y0, image, used)
     summary.add(y0, image, used)

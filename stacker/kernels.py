@@ -188,10 +188,20 @@ class RunningSums:
         """Add one frame's rows (uint16, the strip's shape)."""
         from stacker import _fast
 
-        if self.n >= self.MAX_FRAMES:
+        self.added(1)  # (first: it refuses the frame that would overflow the totals)
+        _fast.add_rows(rows, self.total, self.vmin, self.vmax, self.extremes)
+
+    @property
+    def extremes(self) -> bool:
+        """Whether the running extremes are kept (a value is dropped at either end)."""
+        return self.nlow + self.nhigh > 0
+
+    def added(self, count: int) -> None:
+        """Count `count` frames' rows added to `total` (and the extremes): by `add`, or by
+        a compiled loop that reads and adds them (`stacker.io.StripReader.add_frames`)."""
+        if self.n + count > self.MAX_FRAMES:
             raise ValueError(f"more than {self.MAX_FRAMES} frames overflow the running sums")
-        _fast.add_rows(rows, self.total, self.vmin, self.vmax, self.nlow + self.nhigh > 0)
-        self.n += 1
+        self.n += count
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(image float32, n_used uint16) of the frames added so far (at least one)."""

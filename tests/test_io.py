@@ -163,6 +163,100 @@ def test_a_reader_kept_open_reads_the_same_and_closes_its_files(fitsfile):
             np.testing.assert_array_equal(kept.read(3, 17), reader.read(3, 17))
 
 
+def test_camera_data_kept_open_are_read_in_one_compiled_loop(fitsfile, monkeypatch):
+    """Every frame's rows in one compiled loop (pread straight into place, then converted,
+    in pieces): the values of the per-frame reads, with and without a master subtracted
+    and per-frame scales. The per-frame reads are made to fail while it reads, so a
+    fall-back to them would show."""
+    data = [RNG.integers(0, 65535, size=(23, 9)).astype(np.uint16) for _ in range(4)]
+    frames = tuple(read_frame(fitsfile(f"c{i}.fits", d, IMAGETYP="Bias Frame"))
+                   for i, d in enumerate(data))
+    reader = StripReader(frames)
+    master = RNG.normal(30000, 500, size=(23, 9)).astype(np.float32)
+    scales = RNG.uniform(0.8, 1.2, size=4).astype(np.float32)
+    want = {}
+    for y0, y1 in [(0, 23), (5, 12), (22, 23)]:
+        want[y0, y1] = [
+            reader.read(y0, y1),
+            reader.read(y0, y1, subtract=master[y0:y1].copy(), scales=scales),
+            reader.read(y0, y1, scales=scales),
+            reader.read(y0, y1, subtract=master[y0:y1].copy())]
+    # pieces of 2 rows, so that a strip is several reads per frame
+    monkeypatch.setattr(io, "STAGING_BYTES", 2 * frames[0].row_nbytes)
+
+    def no_per_frame_reads(*args, **kwargs):
+        raise AssertionError("read frame by frame")
+
+    with reader.kept_open() as kept:
+        assert kept.table is not None
+        monkeypatch.setattr(io, "read_rows_into", no_per_frame_reads)
+        for (y0, y1), (plain, both, scaled, subtracted) in want.items():
+            out = np.empty((4, y1 - y0, 9), np.uint16)
+            np.testing.assert_array_equal(kept.read(y0, y1, out=out),
+                                          np.stack(data)[:, y0:y1])
+            np.testing.assert_array_equal(kept.read(y0, y1), plain)
+            sub = master[y0:y1].copy()
+            np.testing.assert_array_equal(kept.read(y0, y1, subtract=sub, scales=scales), both)
+            np.testing.assert_array_equal(kept.read(y0, y1, scales=scales), scaled)
+            np.testing.assert_array_equal(kept.read(y0, y1, subtract=sub), subtracted)
+
+
+def test_a_compiled_read_that_fails_names_the_file(fitsfile):
+    """A frame cut short after its reader opened it: the compiled loop stops and the
+    per-frame reads name the file."""
+    frames = tuple(read_frame(fitsfile(f"t{i}.fits", np.ones((40, 30), np.uint16),
+                                       IMAGETYP="Bias Frame")) for i in range(3))
+    with StripReader(frames).kept_open() as kept:
+        assert kept.table is not None
+        os.truncate(frames[2].path, frames[2].data_offset + 10 * frames[2].row_nbytes)
+        np.testing.assert_array_equal(kept.read(0, 10), np.ones((3, 10, 30)))
+        with pytest.raises(FrameReadError, match=r"t2\.fits"):
+            kept.read(5, 20)
+        with pytest.raises(FrameReadError, match=r"t2\.fits"):
+            kept.read(5, 20, out=np.empty((3, 15, 30), np.uint16))
+
+
+@pytest.mark.parametrize("nlow, nhigh", [(0, 0), (1, 1)])
+def test_running_sums_of_camera_data_kept_open_are_added_in_one_compiled_loop(
+        fitsfile, monkeypatch, nlow, nhigh):
+    """`add_frames` (read, convert and add every frame in a compiled loop, in pieces) gives
+    the running sums of adding each of `frame_rows`; a frame cut short makes it return
+    False, and `frame_rows` then names the file."""
+    from stacker.kernels import RunningSums
+
+    data = [RNG.integers(0, 65535, size=(23, 9)).astype(np.uint16) for _ in range(5)]
+    frames = tuple(read_frame(fitsfile(f"s{i}.fits", d, IMAGETYP="Bias Frame"))
+                   for i, d in enumerate(data))
+    monkeypatch.setattr(io, "STAGING_BYTES", 2 * frames[0].row_nbytes)  # pieces of 2 rows
+    with StripReader(frames).kept_open() as kept:
+        for y0, y1 in [(0, 23), (4, 13), (22, 23)]:
+            want = RunningSums((y1 - y0, 9), nlow, nhigh)
+            for rows in StripReader(frames).frame_rows(y0, y1):
+                want.add(rows)
+            got = RunningSums((y1 - y0, 9), nlow, nhigh)
+            assert kept.add_frames(y0, y1, got.total, got.vmin, got.vmax, got.extremes)
+            got.added(len(frames))
+            np.testing.assert_array_equal(got.total, want.total)
+            if nlow + nhigh:
+                np.testing.assert_array_equal(got.vmin, want.vmin)
+                np.testing.assert_array_equal(got.vmax, want.vmax)
+            for a, b in zip(got.result(), want.result(), strict=True):
+                np.testing.assert_array_equal(a, b)
+        os.truncate(frames[3].path, frames[3].data_offset + 10 * frames[3].row_nbytes)
+        sums = RunningSums((15, 9), nlow, nhigh)
+        assert not kept.add_frames(5, 20, sums.total, sums.vmin, sums.vmax, sums.extremes)
+        with pytest.raises(FrameReadError, match=r"s3\.fits"):
+            list(kept.frame_rows(5, 20))
+
+
+def test_only_camera_data_kept_open_are_read_compiled(fitsfile):
+    floats = tuple(read_frame(fitsfile(f"f{i}.fits", np.ones((4, 4), np.float32),
+                                       IMAGETYP="Bias Frame")) for i in range(2))
+    with StripReader(floats).kept_open() as kept:
+        assert kept.fds is not None and kept.table is None
+        np.testing.assert_array_equal(kept.read(0, 4), np.ones((2, 4, 4)))
+
+
 def test_a_file_gone_before_a_kept_open_reader_opens_it_is_named(fitsfile):
     frames = tuple(read_frame(fitsfile(f"g{i}.fits", np.zeros((8, 8), np.uint16),
                                        IMAGETYP="Bias Frame")) for i in range(3))
