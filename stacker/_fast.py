@@ -725,6 +725,20 @@ def read_fits_calibrated(fds, offsets, row_bytes, y0, step, staging, master, sub
 
 
 @njit(nogil=True, cache=True)
+def count_above(block, local, floor, margin, counts):  # pragma: no cover - compiled
+    """For each pixel ``local[j]`` (flat index within a strip of `block`, (N, h, w)), add
+    to ``counts[j]`` the frames where its value exceeds ``floor[j]`` by more than
+    ``margin[j]`` (NaN never does)."""
+    n = block.shape[0]
+    flat = block.reshape((n, block.shape[1] * block.shape[2]))
+    for i in range(n):
+        row = flat[i]
+        for j in range(local.size):
+            if np.float64(row[local[j]]) - floor[j] > margin[j]:
+                counts[j] += 1
+
+
+@njit(nogil=True, cache=True)
 def mean_rows(block, nlow, nhigh, image, used):  # pragma: no cover - compiled
     """Mean of every pixel, dropping at most one lowest and one highest value (nlow, nhigh
     in {0, 1}), accumulated frame row by frame row so that the loops vectorize.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import math
 import os
 import re
@@ -191,7 +192,7 @@ class StripReader:
         ny, nx = self.frames[0].shape
         return (len(self.frames), ny, nx)
 
-    @property
+    @functools.cached_property
     def dtype(self) -> np.dtype:
         """uint16 when every frame is plain camera data (FITS uint16: BITPIX 16, BZERO 32768,
         no BSCALE or BLANK, not compressed), float32 otherwise: the narrowest type that holds

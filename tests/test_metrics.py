@@ -29,6 +29,8 @@ from stacker.qc import clipped_stats
 from stacker.report import _clean
 from stacker.simulate import CameraModel, SimulationSpec, simulate
 
+RNG = np.random.default_rng(5)
+
 SHAPE = (64, 96)
 CAMERA = CameraModel(shape=SHAPE, hot_pixel_fraction=0.005, n_dust=2, dust_depth=(0.05, 0.08),
                      dark_current_e=0.05, amp_glow_e=1.0)
@@ -283,6 +285,56 @@ def test_with_few_darks_cosmic_rays_are_not_counted_as_hot_pixels(tmp_path):
     m = metrics(status, "dark_120.000s")
     assert m["hot_candidates_not_persistent"] > 20  # the cosmic rays that survived
     assert truth.params["hot_pixels"] <= m["hot_pixels"] <= truth.params["hot_pixels"] + 3
+
+
+@pytest.mark.parametrize("method", ["mean", "minmax"])
+def test_rejections_that_keep_cosmic_rays_do_not_count_them_as_hot_pixels(tmp_path, method):
+    """A mean of many darks rejects nothing and min/max one value a pixel: cosmic rays lift
+    the master (by 500-20 000 e / 12 each, above the hot-pixel threshold), but only in one
+    or two frames, where a hot pixel is high in all of them."""
+    camera = CameraModel(shape=(128, 192), hot_pixel_fraction=0.002, dark_current_e=0.05)
+    spec = SimulationSpec(camera=camera, n_bias=8, dark_exposures=(120.0,), n_darks=12,
+                          n_flats=0, seed=9, cosmic_rate=40.0)
+    truth = simulate(tmp_path / "raw", spec)
+    cfg = {"master_frames": {"bias_dir": str(tmp_path / "raw" / "bias"),
+                             "darks_dir": str(tmp_path / "raw" / "darks"),
+                             "output_dir": str(tmp_path / "out"), "min_frames": 3,
+                             "rejection_method": method}}
+    status = MasterFrameCreator(cfg).create_all_master_frames()
+    assert status.success, status.message
+    m = metrics(status, "dark_120.000s")
+    assert m["hot_candidates_not_persistent"] > (100 if method == "mean" else 3)
+    assert truth.params["hot_pixels"] - 3 <= m["hot_pixels"] <= truth.params["hot_pixels"] + 3
+
+
+def test_persistent_keeps_the_candidates_high_in_more_than_half_of_the_frames(
+        fitsfile, monkeypatch):
+    """Candidates high in k of 7 frames (integer and float frames, with a bias): kept when
+    2k > 7, read in strips of 2-4 rows on two threads."""
+    from stacker import metrics as m
+
+    n, ny, nx = 7, 9, 11
+    base = RNG.integers(400, 600, size=(ny, nx)).astype(np.float64)
+    bias = RNG.integers(100, 120, size=(ny, nx)).astype(np.uint16)
+    index = np.array([0, 5, 12, 40, 41, 77, 98])  # rows 0, 0, 1, 3, 3, 7, 8
+    k = np.array([0, 1, 3, 4, 5, 7, 4])
+    excess = np.full(index.size, 40.0)
+    stacks = np.repeat((base + bias)[None], n, axis=0)
+    for i, high in zip(index, k, strict=True):
+        # high frames: 30 above the level (> half the excess); the others 10 above
+        stacks[:, i // nx, i % nx] += np.where(np.arange(n) < high, 30, 10)
+    bias_frame = read_frame(fitsfile("bias.fits", bias, IMAGETYP="Bias Frame"))
+    for kind in (np.uint16, np.float32):
+        frames = [read_frame(fitsfile(f"p{kind.__name__}{i}.fits", stacks[i].astype(kind),
+                                      EXPTIME=60.0, IMAGETYP="Dark Frame"))
+                  for i in range(n)]
+        level = base.ravel()[index]
+        monkeypatch.setattr(m, "PERSISTENT_BYTES", n * nx * 8)
+        keep = m.persistent(index, level, excess, frames, bias_frame, 10**9, workers=2)
+        assert keep.tolist() == (2 * k > n).tolist()
+    # no bias: the same frames, the level raised by it
+    keep = m.persistent(index, level + bias.ravel()[index], excess, frames, None, 10**9)
+    assert keep.tolist() == (2 * k > n).tolist()
 
 
 def test_bad_pixel_mask_file_is_byte_for_byte_what_astropy_wrote(tmp_path):
