@@ -307,11 +307,15 @@ def test_rejections_that_keep_cosmic_rays_do_not_count_them_as_hot_pixels(tmp_pa
     assert truth.params["hot_pixels"] - 3 <= m["hot_pixels"] <= truth.params["hot_pixels"] + 3
 
 
+@pytest.mark.parametrize("direct", [False, True])
 def test_persistent_keeps_the_candidates_high_in_more_than_half_of_the_frames(
-        fitsfile, monkeypatch):
+        fitsfile, monkeypatch, direct):
     """Candidates high in k of 7 frames (integer and float frames, with a bias): kept when
-    2k > 7, read in strips of 2-4 rows on two threads."""
+    2k > 7, read in strips of 2-4 rows on two threads (or, for frames beyond the page
+    cache, around it)."""
     from stacker import metrics as m
+
+    monkeypatch.setattr(m, "exceeds_page_cache", lambda nbytes: direct)
 
     n, ny, nx = 7, 9, 11
     base = RNG.integers(400, 600, size=(ny, nx)).astype(np.float64)
