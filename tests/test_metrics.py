@@ -341,6 +341,24 @@ def test_persistent_keeps_the_candidates_high_in_more_than_half_of_the_frames(
     assert keep.tolist() == (2 * k > n).tolist()
 
 
+def test_persistent_looks_at_evenly_spaced_frames_when_there_are_many(fitsfile,
+                                                                        monkeypatch):
+    """Beyond PERSISTENT_FRAMES frames (3 here, of 9), the frames looked at are the first,
+    the middle and the last: a pixel high in two of those is kept, one high in five other
+    frames is not."""
+    from stacker import metrics as m
+
+    monkeypatch.setattr(m, "PERSISTENT_FRAMES", 3)
+    stacks = np.full((9, 4, 5), 500, np.uint16)
+    stacks[[0, 4], 1, 2] += 30  # index 7
+    stacks[[1, 2, 3, 5, 6], 3, 3] += 30  # index 18
+    frames = [read_frame(fitsfile(f"e{i}.fits", stacks[i], EXPTIME=60.0,
+                                  IMAGETYP="Dark Frame")) for i in range(9)]
+    keep = m.persistent(np.array([7, 18]), np.array([500.0, 500.0]), np.array([40.0, 40.0]),
+                        frames, None, 10**9)
+    assert keep.tolist() == [True, False]
+
+
 def test_bad_pixel_mask_file_is_byte_for_byte_what_astropy_wrote(tmp_path):
     """The mask is written by stacker's own header writer; the reference is the astropy
     code it replaced. A rerun with the same mask finds the file (read without astropy)."""
