@@ -18,6 +18,7 @@ import functools
 import math
 import os
 import re
+import sys
 import threading
 import urllib.parse
 import warnings
@@ -235,9 +236,11 @@ class StripReader:
                        scales: np.ndarray | None) -> bool:
         """`read` of camera data from the files `kept_open` holds, every frame in one
         compiled loop (`stacker._fast.read_fits_uint16`, `read_fits_calibrated`): the same
-        values, without ~14 us of Python around each frame's read (the read and the
-        conversion themselves take ~25 us for 19 rows of 4096 px). False when it does not
-        apply or a read failed; the per-frame reads then name the file."""
+        values, without the Python around each frame's read, and camera data read straight
+        into `out` instead of through a staging buffer: 19 rows of 4096 px of a frame in
+        ~15 us instead of ~27 (50 frames' 215 strips: 0.16 s instead of 0.29-0.31 s, one
+        thread). False when it does not apply or a read failed; the per-frame reads then
+        name the file."""
         from stacker import _fast
 
         n, _, nx = self.shape
@@ -559,8 +562,9 @@ DIRECT_ALIGN = 4096
 
 
 #: Whether `StripReader.kept_open` readers read camera data in one compiled loop per strip
-#: (`StripReader._read_compiled`): where the C library's ``pread`` is (as ``os.preadv``).
-COMPILED_READS = hasattr(os, "preadv")
+#: (`StripReader._read_compiled`): where the C library's ``pread`` is (as ``os.preadv``)
+#: and takes the 64-bit offsets the compiled loop passes (a 64-bit process).
+COMPILED_READS = hasattr(os, "preadv") and sys.maxsize > 2**32
 
 #: Most frames whose files `StripReader.kept_open` keeps open: the soft limit on a process's
 #: open files is often 1024, and a cluster worker with several threads may build several

@@ -169,8 +169,12 @@ def test_camera_data_kept_open_are_read_in_one_compiled_loop(fitsfile, monkeypat
     and per-frame scales. The per-frame reads are made to fail while it reads, so a
     fall-back to them would show."""
     data = [RNG.integers(0, 65535, size=(23, 9)).astype(np.uint16) for _ in range(4)]
-    frames = tuple(read_frame(fitsfile(f"c{i}.fits", d, IMAGETYP="Bias Frame"))
+    # frame 2's header is a block longer: its data start elsewhere
+    frames = tuple(read_frame(fitsfile(f"c{i}.fits", d, IMAGETYP="Bias Frame",
+                                       **({f"K{j:02d}": j for j in range(40)} if i == 2
+                                          else {})))
                    for i, d in enumerate(data))
+    assert frames[2].data_offset > frames[1].data_offset
     reader = StripReader(frames)
     master = RNG.normal(30000, 500, size=(23, 9)).astype(np.float32)
     scales = RNG.uniform(0.8, 1.2, size=4).astype(np.float32)
@@ -225,8 +229,10 @@ def test_running_sums_of_camera_data_kept_open_are_added_in_one_compiled_loop(
     from stacker.kernels import RunningSums
 
     data = [RNG.integers(0, 65535, size=(23, 9)).astype(np.uint16) for _ in range(5)]
-    frames = tuple(read_frame(fitsfile(f"s{i}.fits", d, IMAGETYP="Bias Frame"))
-                   for i, d in enumerate(data))
+    frames = tuple(read_frame(fitsfile(f"s{i}.fits", d, IMAGETYP="Bias Frame",
+                                       **({f"K{j:02d}": j for j in range(40)} if i == 1
+                                          else {})))
+                   for i, d in enumerate(data))  # (frame 1's data start a block later)
     monkeypatch.setattr(io, "STAGING_BYTES", 2 * frames[0].row_nbytes)  # pieces of 2 rows
     with StripReader(frames).kept_open() as kept:
         for y0, y1 in [(0, 23), (4, 13), (22, 23)]:
