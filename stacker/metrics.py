@@ -147,6 +147,8 @@ def _measure(r: MasterResult, job, built, bias, settings: Settings, bad: _Bad
         m, hot = dark_metrics(image, r.exptime or 0.0, bias_image, rows, settings, egain,
                               used)
         out.update(m)
+        _warn_cosmic_rays(r.job_id, m["hot_candidates_not_persistent"], image.shape,
+                          len(used), settings)
         bad.add("hot", image.shape, hot, r.job_id)
     else:
         calibration = built.get(job.calibration.job_id) if job.calibration else None
@@ -162,6 +164,27 @@ def _measure(r: MasterResult, job, built, bias, settings: Settings, bad: _Bad
         out.update(m)
         bad.add("low", image.shape, low, r.job_id)
     return out
+
+
+def _warn_cosmic_rays(job_id: str, count: int, shape: tuple[int, int], n_frames: int,
+                      settings: Settings) -> None:
+    """Say so when more than `COSMIC_WARNING_FRACTION` of a master dark's pixels are raised
+    above the hot-pixel threshold by cosmic rays that its rejection kept: they are not
+    counted as hot pixels, but they are in the master, and the lights it calibrates."""
+    if count <= COSMIC_WARNING_FRACTION * shape[0] * shape[1]:
+        return
+    if settings.rejection_method in KEEPS_COSMIC_RAYS:
+        why, fix = (f"rejection_method {settings.rejection_method} keeps them",
+                    "sigma_clip rejects them")
+    else:
+        why, fix = f"{n_frames} darks are too few to reject them", "use more darks"
+    log.warning("%s: %d pixels (%.3g %%) of the master are raised by cosmic rays (%s; not "
+                "counted as hot pixels): %s", job_id, count,
+                100 * count / (shape[0] * shape[1]), why, fix)
+
+
+#: Fraction of a master dark's pixels raised by cosmic rays beyond which a run says so.
+COSMIC_WARNING_FRACTION = 1e-4
 
 
 def _kept(r: MasterResult, frame: Frame) -> bool:

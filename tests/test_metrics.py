@@ -270,7 +270,7 @@ def test_neighbour_median_and_dust_finder_on_synthetic_maps():
     assert find_dust(1 - 0.2 * ((yy - 20) ** 2 + (xx - 30) ** 2) / 1300, 1, 0.01)["count"] == 0
 
 
-def test_with_few_darks_cosmic_rays_are_not_counted_as_hot_pixels(tmp_path):
+def test_with_few_darks_cosmic_rays_are_not_counted_as_hot_pixels(tmp_path, caplog):
     """Four darks cannot reject a cosmic ray, so it lifts the master; it is high in one frame
     only, where a hot pixel is high in all of them."""
     camera = CameraModel(shape=(128, 192), hot_pixel_fraction=0.002, dark_current_e=0.05)
@@ -285,10 +285,13 @@ def test_with_few_darks_cosmic_rays_are_not_counted_as_hot_pixels(tmp_path):
     m = metrics(status, "dark_120.000s")
     assert m["hot_candidates_not_persistent"] > 20  # the cosmic rays that survived
     assert truth.params["hot_pixels"] <= m["hot_pixels"] <= truth.params["hot_pixels"] + 3
+    said = [r.getMessage() for r in caplog.records if "cosmic rays" in r.getMessage()]
+    assert said and "4 darks are too few to reject them" in said[0], said
 
 
 @pytest.mark.parametrize("method", ["mean", "minmax"])
-def test_rejections_that_keep_cosmic_rays_do_not_count_them_as_hot_pixels(tmp_path, method):
+def test_rejections_that_keep_cosmic_rays_do_not_count_them_as_hot_pixels(tmp_path, method,
+                                                                          caplog):
     """A mean of many darks rejects nothing and min/max one value a pixel: cosmic rays lift
     the master (by 500-20 000 e / 12 each, above the hot-pixel threshold), but only in one
     or two frames, where a hot pixel is high in all of them."""
@@ -305,6 +308,9 @@ def test_rejections_that_keep_cosmic_rays_do_not_count_them_as_hot_pixels(tmp_pa
     m = metrics(status, "dark_120.000s")
     assert m["hot_candidates_not_persistent"] > (100 if method == "mean" else 3)
     assert truth.params["hot_pixels"] - 3 <= m["hot_pixels"] <= truth.params["hot_pixels"] + 3
+    said = [r.getMessage() for r in caplog.records if "cosmic rays" in r.getMessage()]
+    assert said and f"rejection_method {method} keeps them" in said[0], said
+    assert "dark_120.000s" in said[0] and "sigma_clip rejects them" in said[0]
 
 
 @pytest.mark.parametrize("direct", [False, True])
@@ -406,3 +412,18 @@ def test_flagged_indices_are_the_distinct_ones_sorted(lists):
     want = np.unique(np.concatenate(indices)) if indices else np.zeros(0)
     assert got.dtype == np.intp
     assert got.tolist() == want.tolist()
+
+
+def test_cosmic_ray_warning_only_beyond_its_fraction(caplog):
+    from stacker import metrics as m
+    from stacker.config import Settings
+
+    settings = Settings(rejection_method="sigma_clip")
+    limit = int(m.COSMIC_WARNING_FRACTION * 1000 * 1000)
+    m._warn_cosmic_rays("dark_1s", limit, (1000, 1000), 4, settings)
+    assert not [r for r in caplog.records if "cosmic rays" in r.getMessage()]
+    m._warn_cosmic_rays("dark_1s", limit + 1, (1000, 1000), 4, settings)
+    said = [r.getMessage() for r in caplog.records if "cosmic rays" in r.getMessage()]
+    assert said == [f"dark_1s: {limit + 1} pixels (0.0101 %) of the master are raised by "
+                    "cosmic rays (4 darks are too few to reject them; not counted as hot "
+                    "pixels): use more darks"]
