@@ -648,6 +648,14 @@ def _pread(typingctx, fd, address, nbytes, offset):
 
 
 @njit(nogil=True, cache=True)
+def _read_rows(fd, offset, rows):  # pragma: no cover - compiled
+    """Read `rows` (uint16, C-contiguous) whole from `fd` at `offset`: False when the read
+    failed or came short."""
+    nbytes = rows.size * 2
+    return _pread(fd, rows.ctypes.data, nbytes, offset) == nbytes
+
+
+@njit(nogil=True, cache=True)
 def read_fits_uint16(fds, offsets, row_bytes, y0, step, out):  # pragma: no cover - compiled
     """Rows ``[y0, y0 + h)`` of every frame's FITS uint16 data into `out` (N, h, w), read
     straight into place with ``pread`` and converted there (as `uint16_from_fits`) in pieces
@@ -661,9 +669,7 @@ def read_fits_uint16(fds, offsets, row_bytes, y0, step, out):  # pragma: no cove
     for i in range(n):
         for c in range(0, h, step):
             piece = out[i, c:min(c + step, h)]
-            nbytes = piece.size * 2
-            if _pread(fds[i], piece.ctypes.data, nbytes,
-                      offsets[i] + (y0 + c) * row_bytes) != nbytes:
+            if not _read_rows(fds[i], offsets[i] + (y0 + c) * row_bytes, piece):
                 return i
             _from_fits_in_place(piece)
     return -1
@@ -682,9 +688,7 @@ def read_fits_sums(fds, offsets, row_bytes, y0, step, staging, total, vmin, vmax
         for c in range(0, h, step):
             d = min(c + step, h)
             raw = staging[:(d - c) * w].reshape((d - c, w))
-            nbytes = raw.size * 2
-            if _pread(fds[i], raw.ctypes.data, nbytes,
-                      offsets[i] + (y0 + c) * row_bytes) != nbytes:
+            if not _read_rows(fds[i], offsets[i] + (y0 + c) * row_bytes, raw):
                 return i
             _from_fits_in_place(raw)
             add_rows(raw, total[c:d], vmin[c:d], vmax[c:d], extremes)
@@ -716,9 +720,7 @@ def read_fits_calibrated(fds, offsets, row_bytes, y0, step, staging, master, sub
         for c in range(0, h, step):
             d = min(c + step, h)
             raw = staging[:(d - c) * w].reshape((d - c, w))
-            nbytes = raw.size * 2
-            if _pread(fds[i], raw.ctypes.data, nbytes,
-                      offsets[i] + (y0 + c) * row_bytes) != nbytes:
+            if not _read_rows(fds[i], offsets[i] + (y0 + c) * row_bytes, raw):
                 return i
             uint16_calibrated(raw, master[c:d], subtract, scales[i], out[i, c:d])
     return -1

@@ -244,11 +244,9 @@ class StripReader:
         from stacker import _fast
 
         n, _, nx = self.shape
-        row = self.frames[0].row_nbytes
         if not out.flags.c_contiguous or out.shape != (n, y1 - y0, nx):
             return False
-        fds, offsets = self.table
-        step = max(1, STAGING_BYTES // row)
+        fds, offsets, row, step = self._pieces()
         if out.dtype == np.uint16 and subtract is None and scales is None:
             return _fast.read_fits_uint16(fds, offsets, row, y0, step, out) < 0
         if out.dtype != np.float32 or (subtract is not None and not (
@@ -261,6 +259,14 @@ class StripReader:
         master = out[0] if subtract is None else subtract
         return _fast.read_fits_calibrated(fds, offsets, row, y0, step, staging, master,
                                           subtract is not None, factors, out) < 0
+
+    def _pieces(self) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """For the compiled loops: the open files and their data offsets (`table`), the
+        bytes of a row, and the rows of a piece converted while in cache (`STAGING_BYTES`,
+        as the per-frame reads)."""
+        fds, offsets = self.table
+        row = self.frames[0].row_nbytes
+        return fds, offsets, row, max(1, STAGING_BYTES // row)
 
     def add_frames(self, y0: int, y1: int, total: np.ndarray, vmin: np.ndarray,
                    vmax: np.ndarray, extremes: bool) -> bool:
@@ -277,9 +283,7 @@ class StripReader:
 
         if self.table is None or total.shape != (y1 - y0, self.shape[2]):
             return False
-        fds, offsets = self.table
-        row = self.frames[0].row_nbytes
-        step = max(1, STAGING_BYTES // row)
+        fds, offsets, row, step = self._pieces()
         staging = _staging(step * row).view(np.uint16)
         return _fast.read_fits_sums(fds, offsets, row, y0, step, staging, total, vmin, vmax,
                                     extremes) < 0

@@ -270,19 +270,25 @@ def test_neighbour_median_and_dust_finder_on_synthetic_maps():
     assert find_dust(1 - 0.2 * ((yy - 20) ** 2 + (xx - 30) ** 2) / 1300, 1, 0.01)["count"] == 0
 
 
-def test_with_few_darks_cosmic_rays_are_not_counted_as_hot_pixels(tmp_path, caplog):
-    """Four darks cannot reject a cosmic ray, so it lifts the master; it is high in one frame
-    only, where a hot pixel is high in all of them."""
+def _cosmic_darks(tmp_path, n_darks: int, cosmic_rate: float, **settings):
+    """The simulator's truth and the metrics of the master dark (120 s) of `n_darks`
+    128x192 darks hit by cosmic rays, with a master bias, built with `settings`."""
     camera = CameraModel(shape=(128, 192), hot_pixel_fraction=0.002, dark_current_e=0.05)
-    spec = SimulationSpec(camera=camera, n_bias=8, dark_exposures=(120.0,), n_darks=4,
-                          n_flats=0, seed=9, cosmic_rate=20.0)
+    spec = SimulationSpec(camera=camera, n_bias=8, dark_exposures=(120.0,), n_darks=n_darks,
+                          n_flats=0, seed=9, cosmic_rate=cosmic_rate)
     truth = simulate(tmp_path / "raw", spec)
     cfg = {"master_frames": {"bias_dir": str(tmp_path / "raw" / "bias"),
                              "darks_dir": str(tmp_path / "raw" / "darks"),
-                             "output_dir": str(tmp_path / "out"), "min_frames": 3}}
+                             "output_dir": str(tmp_path / "out"), "min_frames": 3, **settings}}
     status = MasterFrameCreator(cfg).create_all_master_frames()
     assert status.success, status.message
-    m = metrics(status, "dark_120.000s")
+    return truth, metrics(status, "dark_120.000s")
+
+
+def test_with_few_darks_cosmic_rays_are_not_counted_as_hot_pixels(tmp_path, caplog):
+    """Four darks cannot reject a cosmic ray, so it lifts the master; it is high in one frame
+    only, where a hot pixel is high in all of them."""
+    truth, m = _cosmic_darks(tmp_path, 4, 20.0)
     assert m["hot_candidates_not_persistent"] > 20  # the cosmic rays that survived
     assert truth.params["hot_pixels"] <= m["hot_pixels"] <= truth.params["hot_pixels"] + 3
     said = [r.getMessage() for r in caplog.records if "cosmic rays" in r.getMessage()]
@@ -295,17 +301,7 @@ def test_rejections_that_keep_cosmic_rays_do_not_count_them_as_hot_pixels(tmp_pa
     """A mean of many darks rejects nothing and min/max one value a pixel: cosmic rays lift
     the master (by 500-20 000 e / 12 each, above the hot-pixel threshold), but only in one
     or two frames, where a hot pixel is high in all of them."""
-    camera = CameraModel(shape=(128, 192), hot_pixel_fraction=0.002, dark_current_e=0.05)
-    spec = SimulationSpec(camera=camera, n_bias=8, dark_exposures=(120.0,), n_darks=12,
-                          n_flats=0, seed=9, cosmic_rate=40.0)
-    truth = simulate(tmp_path / "raw", spec)
-    cfg = {"master_frames": {"bias_dir": str(tmp_path / "raw" / "bias"),
-                             "darks_dir": str(tmp_path / "raw" / "darks"),
-                             "output_dir": str(tmp_path / "out"), "min_frames": 3,
-                             "rejection_method": method}}
-    status = MasterFrameCreator(cfg).create_all_master_frames()
-    assert status.success, status.message
-    m = metrics(status, "dark_120.000s")
+    truth, m = _cosmic_darks(tmp_path, 12, 40.0, rejection_method=method)
     assert m["hot_candidates_not_persistent"] > (100 if method == "mean" else 3)
     assert truth.params["hot_pixels"] - 3 <= m["hot_pixels"] <= truth.params["hot_pixels"] + 3
     said = [r.getMessage() for r in caplog.records if "cosmic rays" in r.getMessage()]
