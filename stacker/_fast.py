@@ -1286,14 +1286,6 @@ def low_histogram(words, bin0, bin1, low):  # pragma: no cover - compiled
                 low[1, k & 0xFFFF] += 1
 
 
-def key_values(keys: np.ndarray) -> np.ndarray:
-    """The float32 values of order-preserving keys (the inverse of `_key`)."""
-    keys = np.asarray(keys, np.uint32)
-    negative = (keys & np.uint32(0x80000000)) == 0
-    bits = np.where(negative, ~keys, keys & np.uint32(0x7FFFFFFF)).astype(np.uint32)
-    return bits.view(np.float32)
-
-
 @njit(nogil=True, cache=True)
 def _bin(x, edges, inclusive):  # pragma: no cover - compiled
     """Bin of x among uniform `edges` ([e_b, e_b+1), the last bin closed when `inclusive`),

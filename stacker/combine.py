@@ -376,12 +376,12 @@ class StripSummary:
 
     def add(self, y0: int, image: np.ndarray, used: np.ndarray) -> None:
         """Add the strip of rows [y0, y0 + h): the float32 image and its frames-used counts."""
-        from stacker import _fast
+        from stacker.compiled import kernel
 
         hist = np.zeros(KEY_BINS, np.int64)
         image = np.ascontiguousarray(image, dtype=np.float32)
         y1 = y0 + image.shape[0]
-        count, lo, hi = _fast.summarize(image, image.view(np.uint32), hist,
+        count, lo, hi = kernel("summarize")(image, image.view(np.uint32), hist,
                                         self.row_s1[y0:y1], self.row_s2[y0:y1])
         used = np.asarray(used)
         u_sum, u_lo, u_hi = int(used.sum(dtype=np.int64)), int(used.min()), int(used.max())
@@ -418,8 +418,9 @@ class StripSummary:
         big-endian words histogrammed as they are read: no byte-swapped copy (this pass
         was 0.14 s of a 1 s N=50 mean build, on one thread, through two copies).
         """
-        from stacker import _fast
+        from stacker.compiled import kernel
 
+        low_histogram = kernel("low_histogram")
         ranks = ((self.count - 1) // 2, self.count // 2)
         cum = np.cumsum(self.hist)
         bins = [int(np.searchsorted(cum, k, side="right")) for k in ranks]
@@ -433,7 +434,7 @@ class StripSummary:
             words = np.empty(max(y1 - y0 for y0, y1 in part) * nx, np.uint32)
             for y0, y1 in part:
                 strip = writer.read_image_words(y0, y1, words[: (y1 - y0) * nx])
-                _fast.low_histogram(strip, bins[0], bins[1], low)
+                low_histogram(strip, bins[0], bins[1], low)
             return low
 
         # One histogram per thread (its own strips), added at the end: no lock per strip.
@@ -443,8 +444,16 @@ class StripSummary:
         for i in range(2):
             t = int(np.searchsorted(np.cumsum(low[i]), within[i], side="right"))
             keys.append((bins[i] << 16) | t)
-        values = _fast.key_values(np.array(keys, np.uint32))
+        values = key_values(np.array(keys, np.uint32))
         return float(values[0]), float(values[1])
+
+
+def key_values(keys: np.ndarray) -> np.ndarray:
+    """The float32 values of order-preserving keys (the inverse of `stacker._fast._key`)."""
+    keys = np.asarray(keys, np.uint32)
+    negative = (keys & np.uint32(0x80000000)) == 0
+    bits = np.where(negative, ~keys, keys & np.uint32(0x7FFFFFFF)).astype(np.uint32)
+    return bits.view(np.float32)
 
 
 #: Bytes of the image read at a time by a pass over a written master (median, normalization).

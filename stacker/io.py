@@ -164,24 +164,28 @@ class StripReader:
         """This reader with its plain files opened once, for a whole combine, and closed at
         the end. Opening a file took 6 of the ~47 us of reading one frame's piece of a
         strip (200 frames of 4096 px in 19-row strips: 43 000 opens). Around the page
-        cache, for compressed files, or beyond `KEEP_OPEN_MAX` frames (the process's limit
-        on open files), reads open their file as before."""
-        if self.direct or len(self.frames) > KEEP_OPEN_MAX:
+        cache, for compressed files, or when the process may not hold that many more
+        files open (`_descriptors`), reads open their file as before."""
+        if self.direct:
             yield self
             return
-        fds: list[int | None] = []
-        try:
-            for frame in self.frames:
-                fds.append(None if frame.compressed else _open_or_none(frame.path))
-            table = None
-            if COMPILED_READS and None not in fds and self.dtype == np.uint16:
-                table = (np.array(fds, np.int32),
-                         np.array([f.data_offset for f in self.frames], np.int64))
-            yield replace(self, fds=tuple(fds), table=table)
-        finally:
-            for fd in fds:
-                if fd is not None:
-                    os.close(fd)
+        with _descriptors(len(self.frames)) as granted:
+            if not granted:
+                yield self
+                return
+            fds: list[int | None] = []
+            try:
+                for frame in self.frames:
+                    fds.append(None if frame.compressed else _open_or_none(frame.path))
+                table = None
+                if COMPILED_READS and None not in fds and self.dtype == np.uint16:
+                    table = (np.array(fds, np.int32),
+                             np.array([f.data_offset for f in self.frames], np.int64))
+                yield replace(self, fds=tuple(fds), table=table)
+            finally:
+                for fd in fds:
+                    if fd is not None:
+                        os.close(fd)
 
     def _fd(self, i: int) -> int | None:
         """Frame `i`'s file if `kept_open` holds it open."""
@@ -279,14 +283,15 @@ class StripReader:
         been added then, so the caller starts again from fresh sums with `frame_rows`,
         whose error names the file.
         """
-        from stacker import _fast
+        from stacker.compiled import kernel
 
         if self.table is None or total.shape != (y1 - y0, self.shape[2]):
             return False
         fds, offsets, row, step = self._pieces()
         staging = _staging(step * row).view(np.uint16)
-        return _fast.read_fits_sums(fds, offsets, row, y0, step, staging, total, vmin, vmax,
-                                    extremes) < 0
+        read_fits_sums = kernel("read_fits_sums")
+        return read_fits_sums(fds, offsets, row, y0, step, staging, total, vmin, vmax,
+                              extremes) < 0
 
     def frame_rows(self, y0: int, y1: int, dtype=np.uint16,
                    ahead: int | None = None) -> Iterator[np.ndarray]:
@@ -570,10 +575,63 @@ DIRECT_ALIGN = 4096
 #: and takes the 64-bit offsets the compiled loop passes (a 64-bit process).
 COMPILED_READS = hasattr(os, "preadv") and sys.maxsize > 2**32
 
-#: Most frames whose files `StripReader.kept_open` keeps open: the soft limit on a process's
-#: open files is often 1024, and a cluster worker with several threads may build several
-#: masters at once.
-KEEP_OPEN_MAX = 256
+#: Open files `StripReader.kept_open` leaves to everything else in the process (Dask,
+#: the master being written, sockets of a cluster worker, astropy).
+FD_RESERVE = 128
+#: The most open files stacker asks the system for (`_fd_budget`): 1000 frames kept open
+#: by two masters at once, with room to spare.
+FD_WANTED = 4096
+#: Where there is no ``resource`` module (Windows: the C library allows 512 open files),
+#: the files all `kept_open` readers together may hold.
+FD_BUDGET_DEFAULT = 256
+
+_fd_lock = threading.Lock()
+_fd_state = {"budget": None, "held": 0}
+
+
+def _fd_budget() -> int:
+    """How many files `kept_open` readers may hold open at once, together: the process's
+    limit on open files less `FD_RESERVE`.
+
+    The soft limit is raised towards the hard one first (up to `FD_WANTED`), once per
+    process: it is 1024 on most Linux desktops and 256 on macOS, while their hard limits
+    allow far more, and a set of 300 frames kept open reads in one compiled loop per strip
+    instead of one read call per frame.
+    """
+    try:
+        import resource
+    except ImportError:
+        return FD_BUDGET_DEFAULT
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cap = FD_WANTED if hard == resource.RLIM_INFINITY else min(hard, FD_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < cap:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (cap, hard))
+            soft = cap
+        except (ValueError, OSError):  # a sandbox may refuse: keep what there is
+            pass
+    limit = FD_WANTED if soft == resource.RLIM_INFINITY else soft
+    return max(0, limit - FD_RESERVE)
+
+
+@contextlib.contextmanager
+def _descriptors(n: int) -> Iterator[bool]:
+    """Whether `n` more files may be kept open now (`_fd_budget`, shared by every reader of
+    the process: a worker with several threads builds several masters at once); they count
+    against the budget until the block ends."""
+    with _fd_lock:
+        if _fd_state["budget"] is None:
+            _fd_state["budget"] = _fd_budget()
+        granted = _fd_state["held"] + n <= _fd_state["budget"]
+        if granted:
+            _fd_state["held"] += n
+    try:
+        yield granted
+    finally:
+        if granted:
+            with _fd_lock:
+                _fd_state["held"] -= n
+
 
 #: Reads in flight when reading around the page cache: each waits for the disk (no read-ahead
 #: there), so a strip's files are read in parallel.

@@ -205,11 +205,11 @@ class RunningSums:
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(image float32, n_used uint16) of the frames added so far (at least one)."""
-        from stacker import _fast
+        from stacker.compiled import kernel
 
         image = np.empty(self.total.shape, np.float32)
         used = np.empty(self.total.shape, np.uint16)
-        _fast.finish_rows(self.total, self.vmin, self.vmax, self.n, self.nlow, self.nhigh,
+        kernel("finish_rows")(self.total, self.vmin, self.vmax, self.n, self.nlow, self.nhigh,
                           image, used)
         return image, used
 

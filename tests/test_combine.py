@@ -18,6 +18,7 @@ from stacker.combine import (
     Prepare,
     combine_into,
     frame_stack,
+    key_values,
     master_statistics,
     normalize_in_place,
     reduce_stack,
@@ -184,7 +185,7 @@ def test_keys_order_like_the_values_and_invert(values):
     keys = np.array([_fast._key(b) for b in values.view(np.uint32)], np.uint32)
     order = np.argsort(keys, kind="stable")
     assert (np.diff(values[order].astype(np.float64)) >= 0).all()
-    np.testing.assert_array_equal(_fast.key_values(keys).view(np.uint32),
+    np.testing.assert_array_equal(key_values(keys).view(np.uint32),
                                   values.view(np.uint32))
 
 

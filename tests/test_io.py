@@ -157,10 +157,69 @@ def test_a_reader_kept_open_reads_the_same_and_closes_its_files(fitsfile):
         assert pickle.loads(pickle.dumps(kept)).fds is None  # no descriptor leaves
     assert len(os.listdir("/proc/self/fd")) == before
     with pytest.MonkeyPatch.context() as mp:  # more frames than may be kept open
-        mp.setattr(io, "KEEP_OPEN_MAX", len(frames) - 1)
+        mp.setattr(io, "_fd_state", {"budget": len(frames) - 1, "held": 0})
         with reader.kept_open() as kept:
             assert kept.fds is None and len(os.listdir("/proc/self/fd")) == before
             np.testing.assert_array_equal(kept.read(3, 17), reader.read(3, 17))
+
+
+def test_readers_kept_open_share_the_process_budget_of_open_files(fitsfile, monkeypatch):
+    """Two masters built at once hold their files against one budget: the second reader
+    reads file by file while the first holds its files, and keeps its own open once they
+    are closed."""
+    data = RNG.integers(0, 65535, size=(12, 5)).astype(np.uint16)
+    frames = tuple(read_frame(fitsfile(f"b{i}.fits", data, IMAGETYP="Bias Frame"))
+                   for i in range(5))
+    monkeypatch.setattr(io, "_fd_state", {"budget": 8, "held": 0})
+    reader = StripReader(frames)
+    with reader.kept_open() as first:
+        assert first.table is not None and io._fd_state["held"] == 5
+        with reader.kept_open() as second:
+            assert second.fds is None and io._fd_state["held"] == 5
+            np.testing.assert_array_equal(second.read(0, 12), first.read(0, 12))
+    assert io._fd_state["held"] == 0
+    with reader.kept_open() as again:
+        assert again.table is not None
+    with pytest.raises(RuntimeError), reader.kept_open():  # released on an error too
+        raise RuntimeError
+    assert io._fd_state["held"] == 0
+
+
+def test_a_set_beyond_the_soft_limit_on_open_files_is_kept_open(tmp_path):
+    """The soft limit on open files (1024 on most Linux desktops, 256 on macOS) is raised
+    towards the hard one, so that 300 frames are read in one compiled loop per strip; run
+    in a child process started at a soft limit of 200."""
+    import resource
+    import subprocess
+    import sys
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 600:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    script = f"""
+import resource
+import numpy as np
+from tests.conftest import write_fits
+from pathlib import Path
+from stacker import io
+from stacker.frames import read_frame
+data = np.arange(24, dtype=np.uint16).reshape(4, 6)
+frames = tuple(read_frame(write_fits(Path({str(tmp_path)!r}) / f"f{{i}}.fits", data + i,
+                                     IMAGETYP="Bias Frame")) for i in range(300))
+with io.StripReader(frames).kept_open() as kept:
+    assert kept.table is not None, "not kept open"
+    got = kept.read(1, 3, out=np.empty((300, 2, 6), np.uint16))
+    assert (got == np.stack([data[1:3] + i for i in range(300)])).all()
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], io._fd_budget())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (200, hard)))
+    assert done.returncode == 0, done.stderr
+    raised, budget = map(int, done.stdout.split())
+    want = io.FD_WANTED if hard == resource.RLIM_INFINITY else min(hard, io.FD_WANTED)
+    assert raised == want and budget == want - io.FD_RESERVE
 
 
 def test_camera_data_kept_open_are_read_in_one_compiled_loop(fitsfile, monkeypatch):

@@ -1,0 +1,237 @@
+"""The kernels compiled ahead of time (`stacker.compiled`, built by setup.py) against numba's
+compilation of the same source, their argument checks, and the runs they keep numba out of."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stacker import _fast, compiled
+from stacker.combine import KEY_BINS
+from stacker.frames import read_frame
+from stacker.io import StripReader, _staging
+
+ROOT = Path(__file__).resolve().parent.parent
+
+needs_ahead = pytest.mark.skipif(not compiled.ahead_of_time(),
+                                 reason="stacker._aot was not built (see setup.py)")
+
+
+def test_the_extension_was_built_where_it_is_required():
+    """CI (``.ci/run``) requires the module: a build that silently fell back to numba
+    would otherwise only show in the benchmarks."""
+    if os.environ.get("STACKER_REQUIRE_AOT") != "1":
+        pytest.skip("STACKER_REQUIRE_AOT is not set")
+    assert compiled.ahead_of_time(), "stacker._aot was not built: `pip install -e .` says why"
+
+
+def _both(name: str, make_args):
+    """Run kernel `name` compiled ahead of time and numba's on equal fresh arguments; their
+    results and every argument afterwards (the outputs among them)."""
+    ahead = compiled.kernel(name).ahead
+    runs = []
+    for fn in (ahead, getattr(_fast, name)):
+        args = make_args()
+        result = fn(*args)
+        runs.append((result, args))
+    return runs
+
+
+def _assert_same(runs) -> None:
+    (r1, a1), (r2, a2) = runs
+    assert r1 == r2 or (r1 != r1 and r2 != r2)
+    for x, y in zip(a1, a2, strict=True):
+        if isinstance(x, np.ndarray):
+            np.testing.assert_array_equal(x, y, strict=True)
+        else:
+            assert x == y
+
+
+shapes = st.tuples(st.integers(1, 40), st.integers(1, 70))
+
+
+@needs_ahead
+@settings(max_examples=25, deadline=None)
+@given(shapes, st.integers(1, 40), st.integers(0, 1), st.integers(0, 1), st.integers(0, 2**32))
+def test_finish_rows_ahead_equals_numba(shape, n, nlow, nhigh, seed):
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(0, 65536, size=(n, *shape), dtype=np.uint16)
+
+    def args():
+        return (frames.sum(0, dtype=np.int32), frames.min(0), frames.max(0), n, nlow, nhigh,
+                np.empty(shape, np.float32), np.empty(shape, np.uint16))
+    _assert_same(_both("finish_rows", args))
+
+
+def _image(rng, shape, nan_fraction=0.05):
+    image = rng.normal(1000, 300, size=shape).astype(np.float32)
+    image[rng.random(shape) < nan_fraction] = np.nan
+    return image
+
+
+@needs_ahead
+@settings(max_examples=25, deadline=None)
+@given(shapes, st.integers(0, 2**32))
+def test_summarize_and_low_histogram_ahead_equal_numba(shape, seed):
+    rng = np.random.default_rng(seed)
+    image = _image(rng, shape)
+
+    def summary():
+        return (image.copy(), image.view(np.uint32).copy(), np.zeros(KEY_BINS, np.int64),
+                np.zeros(shape[0]), np.zeros(shape[0]))
+    _assert_same(_both("summarize", summary))
+    words = image.view(np.uint32).ravel().copy()
+    bins = sorted(int(b) for b in rng.choice(KEY_BINS, 2))
+
+    def low():
+        return (words.copy(), bins[0], bins[1], np.zeros((2, KEY_BINS), np.int64))
+    _assert_same(_both("low_histogram", low))
+
+
+@needs_ahead
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 50), st.integers(1, 50), st.integers(1, 9), st.integers(0, 2**32))
+def test_block_profile_sums_ahead_equals_numba(ny, nx, factor, seed):
+    """A whole image in strips of random heights, as `stacker.images.ProfileSums` adds it."""
+    rng = np.random.default_rng(seed)
+    image = _image(rng, (ny, nx), 0.02)
+    cuts = sorted({0, ny, *rng.integers(0, ny, 3).tolist()})
+    nby, nbx = -(-ny // factor), -(-nx // factor)
+    results = []
+    for fn in (compiled.kernel("block_profile_sums").ahead, _fast.block_profile_sums):
+        state = (np.zeros(nx), np.zeros(nx + 1, np.int64), np.zeros((nby, nbx)),
+                 np.zeros((nby, nbx), np.int64), np.zeros(ny), np.zeros(ny, np.int64),
+                 np.zeros(nx), np.zeros(nx, np.int64))
+        for y0, y1 in itertools.pairwise(cuts):
+            fn(image[y0:y1], y0, ny, factor, *state)
+        results.append(state)
+    for x, y in zip(*results, strict=True):
+        np.testing.assert_array_equal(x, y, strict=True)
+
+
+@needs_ahead
+@settings(max_examples=25, deadline=None)
+@given(shapes, st.floats(0.001, 2), st.booleans(), st.integers(0, 2**32))
+def test_heat_rgb_and_histogram_ahead_equal_numba(shape, top, inclusive, seed):
+    rng = np.random.default_rng(seed)
+    fraction = _image(rng, shape).astype(np.float64) / 2000
+    _assert_same(_both("heat_rgb", lambda: (fraction.copy(), top,
+                                            np.empty((*shape, 3), np.uint8))))
+    values = _image(rng, shape).ravel()
+    edges = np.linspace(500, 1500, 17)
+    _assert_same(_both("histogram", lambda: (values.copy(), edges.copy(), inclusive,
+                                             np.zeros(16, np.int64))))
+
+
+@needs_ahead
+def test_read_fits_sums_ahead_equals_numba(fitsfile):
+    data = [np.random.default_rng(i).integers(0, 65536, size=(37, 11), dtype=np.uint16)
+            for i in range(6)]
+    frames = tuple(read_frame(fitsfile(f"s{i}.fits", d, IMAGETYP="Dark Frame", EXPTIME=1.0))
+                   for i, d in enumerate(data))
+    with StripReader(frames).kept_open() as kept:
+        fds, offsets, row, _ = kept._pieces()
+        step = 4  # several pieces per strip
+
+        def args():
+            return (fds, offsets, row, 5, step, _staging(step * row).view(np.uint16).copy(),
+                    np.zeros((30, 11), np.int32), np.full((30, 11), 65535, np.uint16),
+                    np.zeros((30, 11), np.uint16), True)
+        runs = _both("read_fits_sums", args)
+    _assert_same([(r, a[6:9]) for r, a in runs])
+    total, vmin, vmax = runs[0][1][6:9]
+    stack = np.stack(data)[:, 5:35]
+    np.testing.assert_array_equal(total, stack.sum(0))
+    np.testing.assert_array_equal(vmin, stack.min(0))
+    np.testing.assert_array_equal(vmax, stack.max(0))
+
+
+@needs_ahead
+def test_arguments_of_another_type_go_to_numba_not_the_compiled_code():
+    """Compiled ahead of time, a kernel would read a float64 array as float32, an int64 one
+    as int32, or a strided one as contiguous (or crash): such calls get numba's version,
+    which gives the right answer."""
+    values = np.random.default_rng(3).normal(size=1000)
+    edges = np.linspace(-2, 2, 9)
+    want = np.histogram(values[np.abs(values) <= 2], edges)[0]
+    histogram = compiled.kernel("histogram")
+    for v in (values, values.astype(np.float32)[::2], values.astype(np.float32)[::-1].copy()):
+        counts = np.zeros(8, np.int64)
+        histogram(v, edges, True, counts)
+        np.testing.assert_array_equal(counts, np.histogram(v[np.abs(v) <= 2], edges)[0])
+    assert want.sum() > 900
+    # what crashed the compiled code: a list, or int64 file descriptors for int32
+    assert not any(compiled._check("f4[::1]")(v) for v in (list(values), values[::2]))
+    assert not compiled._check("i4[::1]")(np.zeros(3, np.int64))
+    assert not compiled._check("i8")(True) and compiled._check("i8")(np.int32(3))
+    strided = np.random.default_rng(4).random((6, 10))[:, ::2] * 0.5
+    out = np.empty((6, 5, 3), np.uint8)
+    compiled.kernel("heat_rgb")(strided, 0.5, out)
+    want_rgb = np.empty_like(out)
+    _fast.heat_rgb(strided.copy(), 0.5, want_rgb)
+    np.testing.assert_array_equal(out, want_rgb)
+
+
+def test_a_module_compiled_from_other_code_is_not_used(tmp_path):
+    """A digest of stacker._fast's source is compiled into the module: after an edit (or a
+    checkout) the kernels come from numba until the module is rebuilt."""
+    if not compiled.ahead_of_time():
+        pytest.skip("stacker._aot was not built")
+    script = textwrap.dedent("""
+        import warnings
+        from stacker import compiled
+        compiled.source_digest = lambda: 12345
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            print(compiled.ahead_of_time(), compiled.kernel("histogram").__module__)
+        print(any("reinstall stacker" in str(w.message) for w in caught))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, cwd=ROOT).stdout.split()
+    assert out == ["False", "stacker._fast", "True"]
+
+
+_BUILD = """
+import sys
+from benchmarks.cases import stacker
+stacker(sys.argv[1:-1], sys.argv[-1] + "/out", {method!r}, "512MB")
+print(sorted({{m.split(".")[0] for m in sys.modules if m.startswith(("numba", "llvmlite"))}}))
+"""
+
+
+@pytest.mark.parametrize("method", ["mean", "minmax"])
+def test_a_mean_or_minmax_master_without_quality_control_never_imports_numba(
+        fitsfile, tmp_path, method):
+    """numba's import and CPU target cost ~0.3 s of every run: a mean or min/max master of
+    camera data (quality control off) runs entirely on the kernels compiled ahead of time,
+    and with ``STACKER_AOT=0`` (or without the module) on numba's, to the same master."""
+    rng = np.random.default_rng(5)
+    paths = [str(fitsfile(f"darks/d{i}.fits", rng.integers(900, 1100, size=(40, 30),
+                                                              dtype=np.uint16),
+                          IMAGETYP="Dark Frame", EXPTIME=10.0)) for i in range(5)]
+    masters = {}
+    for aot in ("1", "0"):
+        env = {**os.environ, "STACKER_AOT": aot, "PYTHONPATH": str(ROOT)}
+        out = tmp_path / f"aot{aot}"
+        done = subprocess.run([sys.executable, "-c", _BUILD.format(method=method), *paths,
+                               str(out)], capture_output=True, text=True, env=env, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-2000:]
+        loaded = done.stdout.strip().splitlines()[-1]
+        if aot == "1" and compiled.ahead_of_time():
+            assert loaded == "[]", f"numba was imported: {loaded}"
+        elif aot == "0":
+            assert loaded == "['llvmlite', 'numba']"
+        from astropy.io import fits
+
+        (master,) = (out / "out").glob("master_dark*.fits")
+        masters[aot] = fits.getdata(master)
+    np.testing.assert_array_equal(masters["1"], masters["0"], strict=True)
