@@ -231,7 +231,8 @@ class MasterFrameCreator:
                 return self._failure(exc)
             status = self._status(what, plan, results, missing, time.perf_counter() - start,
                                   quality)
-            status.details["reports"] = _reports(status, plan, self.settings)
+            pictures = {r.job_id: r.pictures for r in results if r.pictures}
+            status.details["reports"] = _reports(status, plan, self.settings, pictures)
             self._runs[-1]["reports"] = status.details["reports"]
         return status
 
@@ -313,12 +314,13 @@ def _quality(results, plan, settings: Settings) -> dict[str, Any]:
             "metrics_errors": run.errors}
 
 
-def _reports(status: Status, plan, settings: Settings) -> dict[str, str | None]:
+def _reports(status: Status, plan, settings: Settings,
+             pictures: dict[str, dict[str, str]]) -> dict[str, str | None]:
     """Write report.json and report.html; a report that fails never fails the run."""
     from stacker.report import write_reports
 
     try:
-        return write_reports(status, plan, settings)
+        return write_reports(status, plan, settings, pictures)
     except Exception as exc:
         log.debug("report traceback", exc_info=True)
         log.warning("report not written: %s: %s", type(exc).__name__, exc)

@@ -1038,13 +1038,18 @@ class MasterWriter:
         finally:
             os.close(fd)
 
-    def commit(self) -> Path:
-        """Flush to disk and rename into place; the master now exists, complete."""
+    def sync(self) -> None:
+        """Flush the unfinished file to disk (`commit` does; done before, the file can be
+        read meanwhile under `temp_path`, and `commit` has nothing left to flush)."""
         fd = os.open(self.temp_path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def commit(self) -> Path:
+        """Flush to disk and rename into place; the master now exists, complete."""
+        self.sync()
         os.replace(self.temp_path, self.final_path)
         return self.final_path
 

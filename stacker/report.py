@@ -110,20 +110,26 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def write_reports(status: Status, plan: Plan, settings: Settings) -> dict[str, str]:
-    """Write report.json and report.html into the output folder; return their paths."""
+def write_reports(status: Status, plan: Plan, settings: Settings,
+                  pictures: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
+    """Write report.json and report.html into the output folder; return their paths.
+
+    `pictures` are masters' pictures drawn while they were committed, by job id
+    (`stacker.engine.MasterResult.pictures`); a master without them is read for them.
+    """
     out_dir = Path(settings.output_dir)
     report = build_report(status, plan, settings)
     json_path = out_dir / REPORT_JSON
     _atomic_write(json_path, json.dumps(report, indent=1, allow_nan=False))
-    html_path = write_html(report, out_dir)
+    html_path = write_html(report, out_dir, pictures)
     return {"json": str(json_path), "html": str(html_path)}
 
 
-def write_html(report: dict[str, Any], out_dir: Path) -> Path:
+def write_html(report: dict[str, Any], out_dir: Path,
+               pictures: dict[str, dict[str, str]] | None = None) -> Path:
     """Render `report` into ``out_dir/report.html`` (atomically)."""
     path = Path(out_dir) / REPORT_HTML
-    _atomic_write(path, render_html(report))
+    _atomic_write(path, render_html(report, pictures))
     return path
 
 
@@ -439,7 +445,7 @@ def _dust_table(dust: dict[str, Any] | None) -> str:
             f"{rows}</table>")
 
 
-def _master_section(m: dict[str, Any]) -> str:
+def _master_section(m: dict[str, Any], pictures: dict[str, str] | None = None) -> str:
     title = f"{_e(m['job_id'])} — {_e(m['status'])}"
     parts = [f'<section class="master" id="{_e(m["job_id"])}"><h2>{title}</h2>']
     if m["status"] not in ("built", "current"):
@@ -453,8 +459,8 @@ def _master_section(m: dict[str, Any]) -> str:
         parts.append(_kv_table(shown))
         parts.append(_dust_table(metrics.get("dust")))
         try:
-            pics = master_pictures(m["path"], m["job_id"], metrics.get("frames_used")
-                                   or m["n_frames"])
+            pics = pictures or master_pictures(m["path"], m["job_id"],
+                                               metrics.get("frames_used") or m["n_frames"])
         except (OSError, ValueError, KeyError) as exc:
             parts.append(f'<p class="bad">pictures unavailable: {_e(exc)}</p>')
         else:
@@ -493,8 +499,10 @@ def _series_table(series: list[dict[str, Any]]) -> str:
             f"<th>intercept ADU</th><th>max residual ADU</th></tr>{rows}</table>")
 
 
-def render_html(report: dict[str, Any]) -> str:
-    """The whole page as one string (images embedded)."""
+def render_html(report: dict[str, Any],
+                pictures: dict[str, dict[str, str]] | None = None) -> str:
+    """The whole page as one string (images embedded); `pictures` as `write_reports`."""
+    pictures = pictures or {}
     masters = report.get("masters", [])
     built = sum(m["status"] in ("built", "current") for m in masters)
     state = "ok" if report.get("success") else "bad"
@@ -521,7 +529,7 @@ def render_html(report: dict[str, Any]) -> str:
     body.append(_series_table(report.get("dark_series", [])))
     for error in report.get("errors", []):
         body.append(f'<p class="bad">{_e(error)}</p>')
-    body.extend(_master_section(m) for m in masters)
+    body.extend(_master_section(m, pictures.get(m["job_id"])) for m in masters)
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>stacker report {_e(report.get('timestamp'))}</title>"
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import subprocess
 import zlib
@@ -372,3 +373,36 @@ def test_zscale_limits_are_astropys(n, seed, kind):
         values[rng.random(n) < 0.1] = 1e4
     expected = ZScaleInterval().get_limits(values)
     assert zscale_limits(values) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+def test_a_run_draws_its_pictures_while_a_master_is_flushed_not_after(tmp_path, monkeypatch):
+    """Each master's pictures are drawn from its unfinished file while it is flushed to
+    disk (the CPU would be idle), and the report does not read the masters again; the
+    page shows what `stacker report`, reading the finished masters, draws."""
+    from stacker import report
+
+    calls = []
+    draw = report.master_pictures
+
+    def spy(path, job_id, n_used):
+        calls.append(Path(path))
+        return draw(path, job_id, n_used)
+
+    monkeypatch.setattr(report, "master_pictures", spy)
+    spec = SimulationSpec(camera=CameraModel(shape=(30, 50)), n_bias=4, dark_exposures=(1.0,),
+                          n_darks=4, n_flats=4, seed=2)
+    simulate(tmp_path / "raw", spec)
+    status = MasterFrameCreator({"master_frames": section(tmp_path / "raw", tmp_path / "out")}
+                                ).create_all_master_frames()
+    assert status.success, status.message
+    finals = {Path(m["path"]) for m in status.details["masters"]}
+    assert len(calls) == 3 and not finals & set(calls)
+    assert not any(p.exists() for p in calls)  # unfinished files, renamed since
+    monkeypatch.setattr(report, "master_pictures", draw)
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "out", copy)
+    assert run_stacker("report", str(copy)).returncode == 0
+    pages = [(d / "report.html").read_text() for d in (tmp_path / "out", copy)]
+    assert "pictures unavailable" not in pages[0] and pages[0].count("data:image/png") == 6
+    built, read = (re.findall(r'src="(data:[^"]+)"|(<svg.*?</svg>)', p, re.S) for p in pages)
+    assert built == read and len(built) == 15
