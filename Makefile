@@ -6,9 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean
 
-# setup.py compiles the streaming kernels of stacker/_fast.py ahead of time (stacker._aot):
+# setup.py compiles the kernels of stacker/_fast.py ahead of time (stacker._aot):
 # reinstalled when they change, or stacker would use numba's instead (stacker/compiled.py).
-$(STAMP): pyproject.toml setup.py stacker/_fast.py stacker/_registers.py stacker/compiled.py
+$(STAMP): pyproject.toml setup.py stacker/_fast.py stacker/_registers.py stacker/sorting.py \
+		stacker/compiled.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

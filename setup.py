@@ -47,7 +47,7 @@ def compile_ahead(target: str) -> None:
         from numba.pycc import CC
 
         from stacker import _fast
-        from stacker.compiled import AHEAD, MODULE, numba_signature, source_digest
+        from stacker.compiled import AHEAD, MODULE, export_name, numba_signature, source_digest
     finally:
         sys.path.remove(HERE)
     _release_gil()
@@ -56,8 +56,10 @@ def compile_ahead(target: str) -> None:
     cc.output_file = os.path.basename(target)
     cc.target_cpu = os.environ.get("STACKER_AOT_CPU", "host")
     cc.verbose = False
-    for name, (_, args) in AHEAD.items():
-        cc.export(name, numba_signature(name))(_trampoline(getattr(_fast, name), len(args)))
+    for name, sigs in AHEAD.items():
+        for i, sig in enumerate(sigs):
+            cc.export(export_name(name, i), numba_signature(sig))(
+                _trampoline(getattr(_fast, name), len(sig[1])))
     digest = source_digest()
 
     def built_from() -> int:

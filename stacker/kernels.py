@@ -40,16 +40,16 @@ class Kernel(Protocol):
 
 
 #: Up to this many frames the kernels sort tiles of pixels with a sorting network
-#: (`stacker._fast.network`), measured 2.3-3.7x faster than selections from N=5 to 1000;
+#: (`stacker.sorting.network`), measured 2.3-3.7x faster than selections from N=5 to 1000;
 #: beyond that its N log^2 N comparators are untested against the O(N) selections.
 NETWORK_MAX_FRAMES = 1024
 
 
 @functools.lru_cache(maxsize=16)
 def _network(n: int) -> tuple[np.ndarray, np.ndarray]:
-    from stacker import _fast
+    from stacker.sorting import network
 
-    return _fast.network(n)
+    return network(n)
 
 
 def _prepared(block: np.ndarray):
@@ -136,17 +136,17 @@ class SigmaClip:
 
     def __call__(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Combine a (N, h, w) block; returns (image float32 (h, w), n_used uint16 (h, w))."""
-        from stacker import _fast
+        from stacker.compiled import kernel
 
         block, image, used = _prepared(block)
         iterations = -1 if self.max_iterations is None else self.max_iterations
         if self.stddev == "std" and block.shape[0] <= NETWORK_MAX_FRAMES:
-            _fast.sigma_clip_sorted(block, *_network(block.shape[0]), _fill(block),
+            kernel("sigma_clip_sorted")(block, *_network(block.shape[0]), _fill(block),
                                     float(self.sigma_low),
                                     float(self.sigma_high), self.center == "mean", iterations,
                                     image, used)
             return image, used
-        _fast.sigma_clip(block, float(self.sigma_low), float(self.sigma_high),
+        kernel("sigma_clip")(block, float(self.sigma_low), float(self.sigma_high),
                          self.center == "mean", self.stddev == "mad_std", iterations, image,
                          used)
         return image, used
@@ -186,10 +186,10 @@ class RunningSums:
 
     def add(self, rows: np.ndarray) -> None:
         """Add one frame's rows (uint16, the strip's shape)."""
-        from stacker import _fast
+        from stacker.compiled import kernel
 
         self.added(1)  # (first: it refuses the frame that would overflow the totals)
-        _fast.add_rows(rows, self.total, self.vmin, self.vmax, self.extremes)
+        kernel("add_rows")(rows, self.total, self.vmin, self.vmax, self.extremes)
 
     @property
     def extremes(self) -> bool:
@@ -241,21 +241,21 @@ class MinMax:
 
     def __call__(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Combine a (N, h, w) block; returns (image, n_used)."""
-        from stacker import _fast
+        from stacker.compiled import kernel
 
         block, image, used = _prepared(block)
         if self.nlow <= 1 and self.nhigh <= 1:
             # The usual case: one running total and the extremes per pixel, frame row by
             # frame row (vectorized); pixels with values beyond 1e7 are redone exactly.
-            _fast.mean_rows(block, self.nlow, self.nhigh, image, used)
+            kernel("mean_rows")(block, self.nlow, self.nhigh, image, used)
             if (used == 65535).any():
-                _fast.minmax(block, self.nlow, self.nhigh, image, used)
+                kernel("minmax")(block, self.nlow, self.nhigh, image, used)
             return image, used
         if block.shape[0] <= NETWORK_MAX_FRAMES:
-            _fast.trimmed_sorted(block, *_network(block.shape[0]), _fill(block), self.nlow,
+            kernel("trimmed_sorted")(block, *_network(block.shape[0]), _fill(block), self.nlow,
                                  self.nhigh, False, image, used)
         else:
-            _fast.minmax(block, self.nlow, self.nhigh, image, used)
+            kernel("minmax")(block, self.nlow, self.nhigh, image, used)
         return image, used
 
 
@@ -267,14 +267,14 @@ class Median:
 
     def __call__(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Combine a (N, h, w) block; returns (image, n_used)."""
-        from stacker import _fast
+        from stacker.compiled import kernel
 
         block, image, used = _prepared(block)
         if block.shape[0] <= NETWORK_MAX_FRAMES:
-            _fast.trimmed_sorted(block, *_network(block.shape[0]), _fill(block), 0, 0, True,
+            kernel("trimmed_sorted")(block, *_network(block.shape[0]), _fill(block), 0, 0, True,
                                  image, used)
         else:
-            _fast.median(block, image, used)
+            kernel("median")(block, image, used)
         return image, used
 
 
@@ -290,10 +290,10 @@ class Mean:
 
     def __call__(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Combine a (N, h, w) block; returns (image, n_used)."""
-        from stacker import _fast
+        from stacker.compiled import kernel
 
         block, image, used = _prepared(block)
-        _fast.mean_rows(block, 0, 0, image, used)
+        kernel("mean_rows")(block, 0, 0, image, used)
         return image, used
 
 

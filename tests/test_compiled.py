@@ -200,38 +200,119 @@ def test_a_module_compiled_from_other_code_is_not_used(tmp_path):
     assert out == ["False", "stacker._fast", "True"]
 
 
-_BUILD = """
+_RUN = """
 import sys
-from benchmarks.cases import stacker
-stacker(sys.argv[1:-1], sys.argv[-1] + "/out", {method!r}, "512MB")
+from stacker import MasterFrameCreator
+cfg = {{"master_frames": {{"bias_dir": sys.argv[1] + "/bias", "darks_dir": sys.argv[1] + "/darks",
+                         "flats_dir": sys.argv[1] + "/flats", "output_dir": sys.argv[2],
+                         "rejection_method": {method!r}, "quality_control": True,
+                         "save_individual_masters": True}}}}
+status = MasterFrameCreator(cfg).create_all_master_frames()
+assert status.success, status.message
 print(sorted({{m.split(".")[0] for m in sys.modules if m.startswith(("numba", "llvmlite"))}}))
 """
 
 
-@pytest.mark.parametrize("method", ["mean", "minmax"])
-def test_a_mean_or_minmax_master_without_quality_control_never_imports_numba(
-        fitsfile, tmp_path, method):
-    """numba's import and CPU target cost ~0.3 s of every run: a mean or min/max master of
-    camera data (quality control off) runs entirely on the kernels compiled ahead of time,
-    and with ``STACKER_AOT=0`` (or without the module) on numba's, to the same master."""
-    rng = np.random.default_rng(5)
-    paths = [str(fitsfile(f"darks/d{i}.fits", rng.integers(900, 1100, size=(40, 30),
-                                                              dtype=np.uint16),
-                          IMAGETYP="Dark Frame", EXPTIME=10.0)) for i in range(5)]
+@pytest.fixture(scope="module")
+def raw_set(tmp_path_factory):
+    """Bias, darks of two exposures and flats, simulated: every kind of master."""
+    from stacker.simulate import CameraModel, SimulationSpec, simulate
+
+    raw = tmp_path_factory.mktemp("compiled") / "raw"
+    simulate(raw, SimulationSpec(camera=CameraModel(shape=(60, 90)), n_bias=8,
+                                 dark_exposures=(1.0, 10.0), n_darks=8, n_flats=8, seed=4))
+    return raw
+
+
+METHODS = ["sigma_clip", "mean", "minmax", "median"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_run_with_quality_control_never_imports_numba(raw_set, tmp_path, method):
+    """numba's import and CPU target cost ~0.3 s of every run: a user's default run (every
+    kind of master, quality control and metrics on) with each rejection method runs
+    entirely on the kernels compiled ahead of time, and with ``STACKER_AOT=0`` on numba's,
+    to the same masters."""
+    from helpers import read_masters
+
     masters = {}
     for aot in ("1", "0"):
-        env = {**os.environ, "STACKER_AOT": aot, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "STACKER_AOT": aot}
         out = tmp_path / f"aot{aot}"
-        done = subprocess.run([sys.executable, "-c", _BUILD.format(method=method), *paths,
-                               str(out)], capture_output=True, text=True, env=env, cwd=ROOT)
+        done = subprocess.run([sys.executable, "-c", _RUN.format(method=method), str(raw_set),
+                               str(out)], capture_output=True, text=True, env=env, cwd=ROOT,
+                              timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         loaded = done.stdout.strip().splitlines()[-1]
         if aot == "1" and compiled.ahead_of_time():
             assert loaded == "[]", f"numba was imported: {loaded}"
         elif aot == "0":
             assert loaded == "['llvmlite', 'numba']"
-        from astropy.io import fits
+        masters[aot] = read_masters(out)
+    assert masters["1"].keys() == masters["0"].keys() and len(masters["1"]) == 4
+    for key, (_, image) in masters["1"].items():
+        np.testing.assert_array_equal(image, masters["0"][key][1], strict=True)
 
-        (master,) = (out / "out").glob("master_dark*.fits")
-        masters[aot] = fits.getdata(master)
-    np.testing.assert_array_equal(masters["1"], masters["0"], strict=True)
+
+def _copy(a):
+    return a.copy() if isinstance(a, np.ndarray) else a
+
+
+def _assert_same_values(got, want) -> None:
+    if isinstance(want, np.ndarray):
+        np.testing.assert_array_equal(got, want, strict=True)
+    elif isinstance(want, tuple):
+        assert isinstance(got, tuple) and len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            _assert_same_values(g, w)
+    else:
+        assert type(got) is type(want) and (got == want or (got != got and want != want))
+
+
+@needs_ahead
+@pytest.mark.parametrize("method", METHODS)
+def test_every_kernel_call_of_a_run_gives_numbas_result(raw_set, tmp_path, monkeypatch,
+                                                        method):
+    """Each call a run makes (every kind of master, quality control on) is of a signature
+    compiled ahead of time, and gives what numba's version gives on a copy of the same
+    arguments: results, and every array it writes (two calls of each signature are
+    checked, the others run as usual)."""
+    from stacker import MasterFrameCreator
+
+    real = compiled.kernel
+    checked: dict[tuple, int] = {}
+    called: set[str] = set()
+
+    def key(args):
+        return tuple((type(a), getattr(a, "dtype", None), getattr(a, "ndim", None))
+                     for a in args)
+
+    def recording(name):
+        run = real(name)
+
+        def call(*args):
+            called.add(name)
+            k = (name, key(args))
+            if checked.get(k, 0) >= 2:
+                return run(*args)
+            checked[k] = checked.get(k, 0) + 1
+            assert run.compiled_for(args) is not None, f"{name} fell back to numba: {k}"
+            copies = [_copy(a) for a in args]
+            want = getattr(_fast, name)(*copies)
+            got = run(*args)
+            _assert_same_values(got if not isinstance(got, np.ndarray) else got.copy(), want)
+            for a, c in zip(args, copies, strict=True):
+                if isinstance(a, np.ndarray):
+                    np.testing.assert_array_equal(a, c, strict=True, err_msg=name)
+            return got
+        return call
+
+    monkeypatch.setattr(compiled, "kernel", recording)
+    cfg = {"master_frames": {"bias_dir": str(raw_set / "bias"),
+                             "darks_dir": str(raw_set / "darks"),
+                             "flats_dir": str(raw_set / "flats"), "output_dir": str(tmp_path),
+                             "rejection_method": method, "quality_control": True}}
+    status = MasterFrameCreator(cfg).create_all_master_frames()
+    assert status.success, status.message
+    assert called <= set(compiled.AHEAD), called - set(compiled.AHEAD)
+    assert {"sample_pass", "neighbour_median", "summarize", "read_fits_calibrated"} <= called
