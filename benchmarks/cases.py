@@ -124,6 +124,15 @@ def stacker(files: list[str], out: str, method: str, memory_limit: str,
     return {"output": status.data[0]}
 
 
+def _warm_up() -> None:
+    """A worker imports stacker and loads its compiled kernels before the clock starts
+    (numba's, unless they were compiled at install: `stacker.compiled`)."""
+    import stacker.engine  # noqa: F401
+    from stacker.compiled import kernel
+
+    kernel("summarize")
+
+
 def cluster(files: list[str], out: str, method: str, memory_limit: str, workers: int = 2,
             **_) -> dict:
     """The `stacker` case on a LocalCluster of `workers` processes (threads shared out).
@@ -141,10 +150,7 @@ def cluster(files: list[str], out: str, method: str, memory_limit: str, workers:
     threads = max(1, (os.cpu_count() or 1) // workers)
     with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
                       resources={RESOURCE: 1}, dashboard_address=":0") as lc, Client(lc) as c:
-        # Workers import stacker and load the compiled kernels before the clock starts
-        # (numba's, unless they were compiled at install: stacker.compiled).
-        c.run(lambda: [__import__(m) for m in ("stacker.engine", "stacker.compiled")]
-              and __import__("stacker.compiled").compiled.kernel("summarize"))
+        c.run(_warm_up)
         startup = time.perf_counter() - start
         build = time.perf_counter()
         folder = Path(files[0]).parent
