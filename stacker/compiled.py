@@ -39,13 +39,16 @@ import numpy as np
 Sig = tuple[str, tuple[str, ...]]
 _TILE_SORT = ("i8[:,::1]", "i8[::1]")  # a sorting network (`stacker.sorting.network`)
 AHEAD: dict[str, tuple[Sig, ...]] = {
-    # reading camera data, and the running sums of a mean or min/max
+    # reading camera data (through the page cache or around it), and the running sums of a
+    # mean or min/max
     "read_fits_sums": (("i8", ("i4[::1]", "i8[::1]", "i8", "i8", "i8", "u2[::1]", "i4[:,::1]",
                                "u2[:,::1]", "u2[:,::1]", "b1")),),
     "read_fits_uint16": (("i8", ("i4[::1]", "i8[::1]", "i8", "i8", "i8", "u2[:,:,::1]")),),
     "read_fits_calibrated": (("i8", ("i4[::1]", "i8[::1]", "i8", "i8", "i8", "u2[::1]",
                                      "f4[:,::1]", "b1", "f4[::1]", "f4[:,:,::1]")),),
-    "uint16_from_fits": (("none", ("u2[:,::1]", "f4[:,::1]")),),
+    "uint16_from_fits": tuple(("none", ("u2[:,::1]", f"{t}[:,::1]")) for t in ("f4", "u2")),
+    "uint16_calibrated": (("none", ("u2[:,::1]", "f4[:,::1]", "b1", "f4", "f4[:,::1]")),),
+    "add_rows": (("none", ("u2[:,::1]", "i4[:,::1]", "u2[:,::1]", "u2[:,::1]", "b1")),),
     "finish_rows": (("none", ("i4[:,::1]", "u2[:,::1]", "u2[:,::1]", "i8", "i8", "i8",
                               "f4[:,::1]", "u2[:,::1]")),),
     # rejection of a block of frames
