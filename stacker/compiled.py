@@ -18,7 +18,7 @@ A kernel compiled ahead of time has a fixed list of signatures (`AHEAD`) and tru
 given another type of array it would misread memory, or crash. `kernel` checks every
 argument against them on each call (~2-3 us; a call works on a strip or a frame's sample,
 milliseconds) and otherwise calls numba's version, which compiles for whatever it is given
-(the per-pixel selections of the MAD spread or of more than 1024 frames, say).
+(a user's own kernel arguments, say).
 """
 
 from __future__ import annotations
@@ -59,6 +59,12 @@ AHEAD: dict[str, tuple[Sig, ...]] = {
     "trimmed_sorted": tuple(
         ("none", (f"{t}[:,:,::1]", *_TILE_SORT, t, "i8", "i8", "b1", "f4[:,::1]",
                   "u2[:,::1]")) for t in ("u2", "f4")),
+    # per-pixel selections: the MAD spread, and beyond the network's 1024 frames
+    "sigma_clip": tuple(("none", (f"{t}[:,:,::1]", "f8", "f8", "b1", "b1", "i8", "f4[:,::1]",
+                                  "u2[:,::1]")) for t in ("u2", "f4")),
+    "minmax": tuple(("none", (f"{t}[:,:,::1]", "i8", "i8", "f4[:,::1]", "u2[:,::1]"))
+                    for t in ("u2", "f4")),
+    "median": tuple(("none", (f"{t}[:,:,::1]", "f4[:,::1]", "u2[:,::1]")) for t in ("u2", "f4")),
     # the master's statistics and the report's pictures
     "summarize": (("Tuple((i8, f8, f8))", ("f4[:,::1]", "u4[:,::1]", "i8[::1]", "f8[::1]",
                                            "f8[::1]")),),

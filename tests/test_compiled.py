@@ -282,10 +282,14 @@ def _assert_same_values(got, want) -> None:
 
 
 @needs_ahead
-@pytest.mark.parametrize(("method", "direct"), [(m, False) for m in METHODS]
-                         + [("sigma_clip", True), ("mean", True)])
+@pytest.mark.parametrize(("method", "direct", "options"),
+                         [(m, False, {}) for m in METHODS]
+                         + [("sigma_clip", True, {}), ("mean", True, {}),
+                            ("sigma_clip", False, {"sigma_stddev": "mad_std"}),
+                            ("sigma_clip", False, {"sigma_center": "mean"}),
+                            ("minmax", False, {"nlow": 2, "nhigh": 1})])
 def test_every_kernel_call_of_a_run_gives_numbas_result(raw_set, tmp_path, monkeypatch,
-                                                        method, direct):
+                                                        method, direct, options):
     """Each call a run makes (every kind of master, quality control on; frames read
     through the page cache, or around it as a set larger than memory is) is of a signature
     compiled ahead of time, and gives what numba's version gives on a copy of the same
@@ -329,9 +333,34 @@ def test_every_kernel_call_of_a_run_gives_numbas_result(raw_set, tmp_path, monke
     cfg = {"master_frames": {"bias_dir": str(raw_set / "bias"),
                              "darks_dir": str(raw_set / "darks"),
                              "flats_dir": str(raw_set / "flats"), "output_dir": str(tmp_path),
-                             "rejection_method": method, "quality_control": True}}
+                             "rejection_method": method, "quality_control": True,
+                             **options}}
     status = MasterFrameCreator(cfg).create_all_master_frames()
     assert status.success, status.message
     assert {"sample_pass", "neighbour_median", "summarize"} <= called
     assert all(m["stats"]["read_around_page_cache"] == direct
                for m in status.details["masters"])
+
+
+@needs_ahead
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+@pytest.mark.parametrize("name", ["sigma_clip", "minmax", "median"])
+def test_per_pixel_selections_ahead_equal_numba(name, dtype):
+    """The selections run for the MAD spread (recorded above) and beyond the network's
+    1024 frames (too many for a test run): a block of each type, NaN in the float one."""
+    rng = np.random.default_rng(9)
+    block = rng.integers(900, 1100, size=(13, 3, 70)).astype(dtype)
+    if dtype == np.float32:
+        block[rng.random(block.shape) < 0.05] = np.nan
+    extra = {"sigma_clip": (3.0, 2.5, False, True, 10), "minmax": (2, 1), "median": ()}[name]
+
+    def args():
+        return (block.copy(), *extra, np.empty((3, 70), np.float32),
+                np.empty((3, 70), np.uint16))
+    run = compiled.kernel(name)
+    assert run.compiled_for(args()) is not None
+    got, want = args(), args()
+    run(*got)
+    getattr(_fast, name)(*want)
+    for g, w in zip(got[-2:], want[-2:], strict=True):
+        np.testing.assert_array_equal(g, w, strict=True)
