@@ -23,8 +23,12 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 # Benchmarks: simulated 4096x4096 darks (cached in benchmarks/data), ccdproc for comparison.
-bench: $(STAMP)
+# (installed once per install of stacker: reinstalling rebuilds its compiled kernels, ~25 s)
+$(VENV)/.bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+bench: $(VENV)/.bench
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 lint: $(STAMP)
