@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test lint bench clean
 
 # setup.py compiles the kernels of stacker/_fast.py ahead of time (stacker._aot):
-# reinstalled when they change, or stacker would use numba's instead (stacker/compiled.py).
+# reinstalled when the files it is compiled from change (stacker.compiled.SOURCES, listed
+# here too), or stacker would use numba's kernels instead.
 $(STAMP): pyproject.toml setup.py stacker/_fast.py stacker/_registers.py stacker/sorting.py \
 		stacker/compiled.py
 	$(PYTHON) -m venv $(VENV)

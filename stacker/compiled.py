@@ -207,6 +207,14 @@ def kernel(name: str) -> Callable[..., Any]:
     return call
 
 
+def __getattr__(name: str) -> Callable[..., Any]:
+    """A kernel as an attribute, `kernel(name)`: ``from stacker.compiled import sample_pass``
+    where ``from stacker._fast import sample_pass`` would import numba."""
+    if name.startswith("_"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return kernel(name)
+
+
 def ahead_of_time() -> bool:
     """Whether the kernels of `AHEAD` were compiled when stacker was installed."""
     return _extension() is not None

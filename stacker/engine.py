@@ -263,8 +263,9 @@ def _run_job(job: Job, settings: Settings, work_dir: Path, built: dict[str, Path
         log.warning("%s: %s", job.id, note)
     try:
         calibration = _calibration_path(job, built)
-        path, stats = build_master(job, settings, work_dir / job.output_name, calibration,
-                                   progress=progress, fingerprint=digest)
+        path, stats, pictures = build_master(job, settings, work_dir / job.output_name,
+                                             calibration, progress=progress,
+                                             fingerprint=digest)
     except StackerError as exc:
         log.error("%s failed: %s", job.id, exc)
         return _result(job, "failed", error=str(exc), seconds=time.perf_counter() - start)
@@ -282,7 +283,7 @@ def _run_job(job: Job, settings: Settings, work_dir: Path, built: dict[str, Path
     seconds = time.perf_counter() - start
     log.info("%s: %d frames -> %s (%.1f s)", job.id, len(job.frames), path.name, seconds)
     return _result(job, "built", path=path, stats=stats, seconds=seconds, fingerprint=digest,
-                   pictures=stats.pop("pictures", None))
+                   pictures=pictures)
 
 
 def _write_error(exc: OSError, path: Path) -> str:
@@ -309,7 +310,8 @@ def _calibration_path(job: Job, built: dict[str, Path]) -> Path | None:
 
 def build_master(job: Job, settings: Settings, path: Path, calibration: Path | None = None,
                  *, progress: ProgressFn | None = None,
-                 fingerprint: str | None = None) -> tuple[Path, dict[str, Any]]:
+                 fingerprint: str | None = None
+                 ) -> tuple[Path, dict[str, Any], dict[str, str] | None]:
     """Build one master into `path` (complete on disk, or absent on any error).
 
     `fingerprint`, when given, is recorded in the header (card STKFP) so that a rerun with
@@ -320,8 +322,9 @@ def build_master(job: Job, settings: Settings, path: Path, calibration: Path | N
     path : Path
         The committed file.
     stats : dict
-        Master statistics, per-frame statistics and verdicts, flat levels and scales; under
-        ``"pictures"`` the report's pictures of the master, or None (`_sync_drawing`).
+        Master statistics, per-frame statistics and verdicts, flat levels and scales.
+    pictures : dict or None
+        The report's pictures of the master, or None (`_sync_drawing`).
     """
     from stacker.kernels import make_kernel
 
@@ -369,8 +372,7 @@ def build_master(job: Job, settings: Settings, path: Path, calibration: Path | N
     out["frames"] = [s.to_dict() for s in frame_stats.values()]
     out["rows_per_strip"] = rows
     out["read_around_page_cache"] = reader.direct
-    out["pictures"] = pictures
-    return final, out
+    return final, out, pictures
 
 
 def _sync_drawing(writer: MasterWriter, job: Job, n: int) -> dict[str, str] | None:

@@ -160,17 +160,16 @@ class ProfileSums:
 
     def add(self, strip: np.ndarray) -> None:
         """Add the next rows of the image (float32 ``(h, nx)``)."""
-        from stacker.compiled import kernel
+        from stacker.compiled import block_profile_sums
 
         ny, nx = self.shape
         h = strip.shape[0]
         if strip.ndim != 2 or strip.shape[1] != nx or self.next_row + h > ny:
             raise ValueError(f"strip of shape {strip.shape} does not continue a {ny}x{nx} "
                              f"image at row {self.next_row}")
-        kernel("block_profile_sums")(strip, self.next_row, ny, self.factor, self._acc,
-                                     self._acc_miss, self._block_sum, self._block_n,
-                                     self._row_sum, self._row_n, self._col_sum,
-                                     self._col_miss)
+        block_profile_sums(strip, self.next_row, ny, self.factor, self._acc, self._acc_miss,
+                           self._block_sum, self._block_n, self._row_sum, self._row_n,
+                           self._col_sum, self._col_miss)
         self.next_row += h
 
     def means(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

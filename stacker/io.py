@@ -245,14 +245,14 @@ class StripReader:
         ~15 us instead of ~27 (50 frames' 215 strips: 0.16 s instead of 0.29-0.31 s, one
         thread). False when it does not apply or a read failed; the per-frame reads then
         name the file."""
-        from stacker.compiled import kernel
+        from stacker import compiled
 
         n, _, nx = self.shape
         if not out.flags.c_contiguous or out.shape != (n, y1 - y0, nx):
             return False
         fds, offsets, row, step = self._pieces()
         if out.dtype == np.uint16 and subtract is None and scales is None:
-            return kernel("read_fits_uint16")(fds, offsets, row, y0, step, out) < 0
+            return compiled.read_fits_uint16(fds, offsets, row, y0, step, out) < 0
         if out.dtype != np.float32 or (subtract is not None and not (
                 subtract.dtype == np.float32 and subtract.shape == out.shape[1:]
                 and subtract.flags.c_contiguous)):
@@ -261,8 +261,8 @@ class StripReader:
                    else np.ascontiguousarray(scales, dtype=np.float32).reshape(n))
         staging = _staging(step * row).view(np.uint16)
         master = out[0] if subtract is None else subtract
-        return kernel("read_fits_calibrated")(fds, offsets, row, y0, step, staging, master,
-                                          subtract is not None, factors, out) < 0
+        return compiled.read_fits_calibrated(fds, offsets, row, y0, step, staging, master,
+                                             subtract is not None, factors, out) < 0
 
     def _pieces(self) -> tuple[np.ndarray, np.ndarray, int, int]:
         """For the compiled loops: the open files and their data offsets (`table`), the
@@ -283,15 +283,14 @@ class StripReader:
         been added then, so the caller starts again from fresh sums with `frame_rows`,
         whose error names the file.
         """
-        from stacker.compiled import kernel
+        from stacker import compiled
 
         if self.table is None or total.shape != (y1 - y0, self.shape[2]):
             return False
         fds, offsets, row, step = self._pieces()
         staging = _staging(step * row).view(np.uint16)
-        read_fits_sums = kernel("read_fits_sums")
-        return read_fits_sums(fds, offsets, row, y0, step, staging, total, vmin, vmax,
-                              extremes) < 0
+        return compiled.read_fits_sums(fds, offsets, row, y0, step, staging, total, vmin,
+                                       vmax, extremes) < 0
 
     def frame_rows(self, y0: int, y1: int, dtype=np.uint16,
                    ahead: int | None = None) -> Iterator[np.ndarray]:
@@ -728,9 +727,7 @@ def read_rows_direct(frame: Frame, y0: int, y1: int, buffer: np.ndarray) -> np.n
     FrameReadError
         Naming the frame, when its bytes cannot be read.
     """
-    from stacker.compiled import kernel
-
-    uint16_from_fits = kernel("uint16_from_fits")
+    from stacker.compiled import uint16_from_fits
 
     row = frame.row_nbytes
     try:
@@ -863,9 +860,7 @@ def _to_physical(frame: Frame, raw: np.ndarray, out: np.ndarray,
             and (subtract is None or (subtract.dtype == np.float32
                                       and subtract.shape == out.shape))):
         # Camera data with a master and/or a scale: all of it in the conversion's one pass.
-        from stacker.compiled import kernel
-
-        uint16_calibrated = kernel("uint16_calibrated")
+        from stacker.compiled import uint16_calibrated
 
         uint16_calibrated(raw.view(np.uint16), out if subtract is None else subtract,
                           subtract is not None, np.float32(1) if scale is None else scale,
@@ -874,9 +869,7 @@ def _to_physical(frame: Frame, raw: np.ndarray, out: np.ndarray,
     if _is_uint16(frame):
         # uint16 stored as int16 + 32768 (every CMOS camera): swapping the bytes and flipping
         # the sign bit gives the value exactly; one compiled pass that releases the GIL.
-        from stacker.compiled import kernel
-
-        uint16_from_fits = kernel("uint16_from_fits")
+        from stacker.compiled import uint16_from_fits
 
         uint16_from_fits(raw.view(np.uint16), out)
     elif frame.bscale == 1.0 and frame.bzero == 0.0:

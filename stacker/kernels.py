@@ -136,19 +136,19 @@ class SigmaClip:
 
     def __call__(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Combine a (N, h, w) block; returns (image float32 (h, w), n_used uint16 (h, w))."""
-        from stacker.compiled import kernel
+        from stacker import compiled
 
         block, image, used = _prepared(block)
         iterations = -1 if self.max_iterations is None else self.max_iterations
         if self.stddev == "std" and block.shape[0] <= NETWORK_MAX_FRAMES:
-            kernel("sigma_clip_sorted")(block, *_network(block.shape[0]), _fill(block),
-                                    float(self.sigma_low),
-                                    float(self.sigma_high), self.center == "mean", iterations,
-                                    image, used)
+            compiled.sigma_clip_sorted(block, *_network(block.shape[0]), _fill(block),
+                                       float(self.sigma_low),
+                                       float(self.sigma_high), self.center == "mean", iterations,
+                                       image, used)
             return image, used
-        kernel("sigma_clip")(block, float(self.sigma_low), float(self.sigma_high),
-                         self.center == "mean", self.stddev == "mad_std", iterations, image,
-                         used)
+        compiled.sigma_clip(block, float(self.sigma_low), float(self.sigma_high),
+                            self.center == "mean", self.stddev == "mad_std", iterations, image,
+                            used)
         return image, used
 
 
@@ -186,10 +186,10 @@ class RunningSums:
 
     def add(self, rows: np.ndarray) -> None:
         """Add one frame's rows (uint16, the strip's shape)."""
-        from stacker.compiled import kernel
+        from stacker import compiled
 
         self.added(1)  # (first: it refuses the frame that would overflow the totals)
-        kernel("add_rows")(rows, self.total, self.vmin, self.vmax, self.extremes)
+        compiled.add_rows(rows, self.total, self.vmin, self.vmax, self.extremes)
 
     @property
     def extremes(self) -> bool:
@@ -205,12 +205,12 @@ class RunningSums:
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(image float32, n_used uint16) of the frames added so far (at least one)."""
-        from stacker.compiled import kernel
+        from stacker import compiled
 
         image = np.empty(self.total.shape, np.float32)
         used = np.empty(self.total.shape, np.uint16)
-        kernel("finish_rows")(self.total, self.vmin, self.vmax, self.n, self.nlow, self.nhigh,
-                          image, used)
+        compiled.finish_rows(self.total, self.vmin, self.vmax, self.n, self.nlow, self.nhigh,
+                             image, used)
         return image, used
 
 
@@ -241,21 +241,21 @@ class MinMax:
 
     def __call__(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Combine a (N, h, w) block; returns (image, n_used)."""
-        from stacker.compiled import kernel
+        from stacker import compiled
 
         block, image, used = _prepared(block)
         if self.nlow <= 1 and self.nhigh <= 1:
             # The usual case: one running total and the extremes per pixel, frame row by
             # frame row (vectorized); pixels with values beyond 1e7 are redone exactly.
-            kernel("mean_rows")(block, self.nlow, self.nhigh, image, used)
+            compiled.mean_rows(block, self.nlow, self.nhigh, image, used)
             if (used == 65535).any():
-                kernel("minmax")(block, self.nlow, self.nhigh, image, used)
+                compiled.minmax(block, self.nlow, self.nhigh, image, used)
             return image, used
         if block.shape[0] <= NETWORK_MAX_FRAMES:
-            kernel("trimmed_sorted")(block, *_network(block.shape[0]), _fill(block), self.nlow,
-                                 self.nhigh, False, image, used)
+            compiled.trimmed_sorted(block, *_network(block.shape[0]), _fill(block), self.nlow,
+                                    self.nhigh, False, image, used)
         else:
-            kernel("minmax")(block, self.nlow, self.nhigh, image, used)
+            compiled.minmax(block, self.nlow, self.nhigh, image, used)
         return image, used
 
 
@@ -267,14 +267,14 @@ class Median:
 
     def __call__(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Combine a (N, h, w) block; returns (image, n_used)."""
-        from stacker.compiled import kernel
+        from stacker import compiled
 
         block, image, used = _prepared(block)
         if block.shape[0] <= NETWORK_MAX_FRAMES:
-            kernel("trimmed_sorted")(block, *_network(block.shape[0]), _fill(block), 0, 0, True,
-                                 image, used)
+            compiled.trimmed_sorted(block, *_network(block.shape[0]), _fill(block), 0, 0, True,
+                                    image, used)
         else:
-            kernel("median")(block, image, used)
+            compiled.median(block, image, used)
         return image, used
 
 
@@ -290,10 +290,10 @@ class Mean:
 
     def __call__(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Combine a (N, h, w) block; returns (image, n_used)."""
-        from stacker.compiled import kernel
+        from stacker import compiled
 
         block, image, used = _prepared(block)
-        kernel("mean_rows")(block, 0, 0, image, used)
+        compiled.mean_rows(block, 0, 0, image, used)
         return image, used
 
 

@@ -269,9 +269,7 @@ def neighbour_median(block: np.ndarray, step: int = 1) -> np.ndarray:
     ``step=2`` compares a Bayer pixel with its same-colour neighbours. The value is
     ``np.median`` over the 8 shifted copies, exactly, computed by a compiled network.
     """
-    from stacker.compiled import kernel
-
-    median8 = kernel("neighbour_median")
+    from stacker.compiled import neighbour_median as median8
 
     if block.dtype not in (np.float32, np.float64):
         block = block.astype(np.float64)  # what np.median averages integers in
@@ -374,9 +372,7 @@ def persistent(index: np.ndarray, level: np.ndarray, excess: np.ndarray,
     looked at, the price of a mask that is not made of cosmic rays when nothing rejected
     them.
     """
-    from stacker.compiled import kernel
-
-    count_above = kernel("count_above")
+    from stacker.compiled import count_above
 
     index = np.asarray(index, np.int64)
     if index.size == 0 or not frames:
@@ -721,9 +717,7 @@ def _components(mask: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     Labelled by a compiled breadth-first search: a badly fitted flat can flag a large part
     of the map, and the search in Python took ~0.3 s for 70 000 flagged cells.
     """
-    from stacker.compiled import kernel
-
-    label8 = kernel("label8")
+    from stacker.compiled import label8
 
     labels = np.zeros(mask.shape, np.int64)
     count = label8(np.ascontiguousarray(mask, dtype=np.bool_), labels)

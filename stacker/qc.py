@@ -115,9 +115,7 @@ def clipped_stats(values: np.ndarray, sigma: float = 5.0, iterations: int = 2,
     `median`, when the caller has it, saves computing it again, and so does `mad`, the
     median absolute deviation of `values` from `median`.
     """
-    from stacker.compiled import kernel
-
-    deviation_median, window_moments = kernel("deviation_median"), kernel("window_moments")
+    from stacker.compiled import deviation_median, window_moments
 
     if values.size == 0:
         return float("nan"), float("nan")
@@ -152,9 +150,7 @@ def measure(frame: Frame, values: np.ndarray, raw: np.ndarray | None = None,
     which only quality control judges, are not computed (NaN, empty): half the cost of
     measuring a flat, whose median is all a run without quality control needs.
     """
-    from stacker.compiled import kernel
-
-    sample_pass = kernel("sample_pass")
+    from stacker.compiled import sample_pass
 
     values = np.asarray(values, np.float32)
     flat_values = np.ascontiguousarray(values).ravel()
@@ -204,10 +200,7 @@ def _medians(values: np.ndarray, work: np.ndarray, dtype: str | None
     None when not counted. Values of a `COUNTED` stored `dtype` are counted in bins (when
     they all are integers in range); else `work`, a copy of them, is reordered by a
     quickselect."""
-    from stacker.compiled import kernel
-
-    count_values, counted_medians = kernel("count_values"), kernel("counted_medians")
-    median_in_place = kernel("median_in_place")
+    from stacker.compiled import count_values, counted_medians, median_in_place
 
     counts = COUNTED.get(dtype) if dtype is not None else None
     if counts is not None:
@@ -225,9 +218,7 @@ def _median(values: np.ndarray) -> float:
     deviations are few distinct values)."""
     if values.dtype != np.float32 or values.size == 0:
         return float(np.median(values))
-    from stacker.compiled import kernel
-
-    median_in_place = kernel("median_in_place")
+    from stacker.compiled import median_in_place
 
     return float(median_in_place(np.array(values, dtype=np.float32).ravel()))
 

@@ -260,11 +260,11 @@ def heat_image(fraction: np.ndarray, top: float) -> np.ndarray:
     ``v = clip(fraction / top, 0, 1)`` (NaN as 0) in float64, computed in one compiled pass
     (`stacker._fast.heat_rgb`).
     """
-    from stacker.compiled import kernel
+    from stacker.compiled import heat_rgb
 
     fraction = np.asarray(fraction, dtype=np.float64)
     out = np.empty((*fraction.shape, 3), np.uint8)
-    kernel("heat_rgb")(fraction, float(top), out)
+    heat_rgb(fraction, float(top), out)
     return out
 
 
@@ -276,11 +276,11 @@ def histogram(values: np.ndarray, bins: int, lo: float, hi: float
     and the same counts: the compiled loop settles every value against the edges themselves,
     as numpy does, and keeps ``lo <= value <= hi`` (1M values in ~3 ms instead of ~9).
     """
-    from stacker.compiled import kernel
+    from stacker.compiled import histogram as count
 
     edges = np.linspace(lo, hi, bins + 1, dtype=np.result_type(lo, hi, values))
     counts = np.zeros(bins, np.int64)
-    kernel("histogram")(values, edges.astype(np.float64), True, counts)
+    count(values, edges.astype(np.float64), True, counts)
     return counts, edges
 
 

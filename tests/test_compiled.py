@@ -46,14 +46,23 @@ def _both(name: str, make_args):
     return runs
 
 
+def _assert_same_values(got, want) -> None:
+    if isinstance(want, np.ndarray):
+        np.testing.assert_array_equal(got, want, strict=True)
+    elif isinstance(want, tuple):
+        assert isinstance(got, tuple) and len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            _assert_same_values(g, w)
+    else:
+        assert type(got) is type(want) and (got == want or (got != got and want != want))
+
+
 def _assert_same(runs) -> None:
+    """Both runs of `_both` gave the same result and left the same arguments."""
     (r1, a1), (r2, a2) = runs
-    assert r1 == r2 or (r1 != r1 and r2 != r2)
+    _assert_same_values(r1, r2)
     for x, y in zip(a1, a2, strict=True):
-        if isinstance(x, np.ndarray):
-            np.testing.assert_array_equal(x, y, strict=True)
-        else:
-            assert x == y
+        _assert_same_values(x, y)
 
 
 shapes = st.tuples(st.integers(1, 40), st.integers(1, 70))
@@ -268,17 +277,6 @@ def _copies(args: tuple) -> list:
         out.append(a.copy() if same is None else
                    out[same].view(a.dtype).reshape(a.shape))
     return out
-
-
-def _assert_same_values(got, want) -> None:
-    if isinstance(want, np.ndarray):
-        np.testing.assert_array_equal(got, want, strict=True)
-    elif isinstance(want, tuple):
-        assert isinstance(got, tuple) and len(got) == len(want)
-        for g, w in zip(got, want, strict=True):
-            _assert_same_values(g, w)
-    else:
-        assert type(got) is type(want) and (got == want or (got != got and want != want))
 
 
 @needs_ahead
